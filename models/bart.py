@@ -1,0 +1,384 @@
+"""BART encoder-decoder, written out: post-LN Transformer layers with learned positions.
+
+Module and parameter names mirror Transformers' `BartForConditionalGeneration`, so a Hugging Face
+state dict loads with `load_state_dict` as it is (the tied embedding appears under four names,
+as in theirs). Attention runs on `F.scaled_dot_product_attention`; the decoder keeps a key/value
+cache for generation: self-attention keys grow by one step at a time, cross-attention keys are
+computed once from the encoder output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import BartConfig
+from models.errors import ModelError
+
+POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as BART was trained
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def shift_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
+    """Decoder inputs from labels: prepend the start token, drop the last, and turn -100 into pad."""
+    shifted = labels.new_empty(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's keys and values, shaped [batch, heads, length, head_dim]."""
+
+    self_k: Tensor | None = None
+    self_v: Tensor | None = None
+    cross_k: Tensor | None = None
+    cross_v: Tensor | None = None
+
+
+class KVCache:
+    """Keys/values of every decoder layer; `reorder` follows beams as beam search reorders them."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0].self_k
+        return 0 if first is None else first.shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        for layer in self.layers:
+            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+                value = getattr(layer, name)
+                if value is not None:
+                    setattr(layer, name, value.index_select(0, index))
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    def __init__(self, max_positions: int, dim: int):
+        super().__init__(max_positions + POSITION_OFFSET, dim)
+
+    def forward(self, length: int, past: int = 0) -> Tensor:
+        positions = torch.arange(past, past + length, device=self.weight.device) + POSITION_OFFSET
+        if past + length + POSITION_OFFSET > self.num_embeddings:
+            raise ModelError(
+                f"sequence of {past + length} tokens is longer than the model's "
+                f"{self.num_embeddings - POSITION_OFFSET} positions; truncate the input"
+            )
+        return super().forward(positions)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Attend from `x` to precomputed heads `k`, `v`. `mask` is boolean, True where attention is allowed."""
+        q = self._heads(self.q_proj(x))
+        # SDPA's default scale is head_dim ** -0.5, BART's query scaling.
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForwardLayer(nn.Module):
+    """Base of both layer kinds: fc1 -> activation -> dropout -> fc2, held directly on the layer
+    because Transformers' keys are `layers.N.fc1`, not a nested MLP."""
+
+    def __init__(self, config: BartConfig, hidden: int):
+        super().__init__()
+        if config.activation_function not in ACTIVATIONS:
+            raise ModelError(f"activation_function {config.activation_function!r} is not supported; "
+                             f"one of {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+        self.dropout = config.dropout
+        self.fc1 = nn.Linear(config.d_model, hidden)
+        self.fc2 = nn.Linear(hidden, config.d_model)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
+        return self.fc2(h)
+
+
+class EncoderLayer(FeedForwardLayer):
+    def __init__(self, config: BartConfig):
+        super().__init__(config, config.encoder_ffn_dim)
+        dim = config.d_model
+        self.self_attn = Attention(dim, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        k, v = self.self_attn.project_kv(x)
+        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        x = self.final_layer_norm(x + F.dropout(self.feed_forward(x), self.dropout, self.training))
+        return x
+
+
+class DecoderLayer(FeedForwardLayer):
+    def __init__(self, config: BartConfig):
+        super().__init__(config, config.decoder_ffn_dim)
+        dim = config.d_model
+        self.self_attn = Attention(dim, config.decoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.encoder_attn = Attention(dim, config.decoder_attention_heads, config.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        self_mask: Tensor | None,
+        is_causal: bool,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        cache: LayerCache | None,
+    ) -> Tensor:
+        k, v = self.self_attn.project_kv(x)
+        if cache is not None:
+            if cache.self_k is not None:
+                k = torch.cat([cache.self_k, k], dim=2)
+                v = torch.cat([cache.self_v, v], dim=2)
+            cache.self_k, cache.self_v = k, v
+        h = self.self_attn(x, k, v, self_mask, is_causal)
+        x = self.self_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
+
+        if cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v  # the encoder output does not change while decoding
+        else:
+            k, v = self.encoder_attn.project_kv(memory)
+            if cache is not None:
+                cache.cross_k, cache.cross_v = k, v
+        h = self.encoder_attn(x, k, v, memory_mask)
+        x = self.encoder_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
+
+        x = self.final_layer_norm(x + F.dropout(self.feed_forward(x), self.dropout, self.training))
+        return x
+
+
+def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """[batch, keys] 1/0 mask -> boolean [batch, 1, 1, keys] for SDPA; None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: BartConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.dropout = config.dropout
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = embed_tokens
+        self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1])
+        x = F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
+        mask = _padding_mask(attention_mask)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: BartConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.dropout = config.dropout
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = embed_tokens
+        self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        memory: Tensor,
+        memory_attention_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        past = cache.length if cache is not None else 0
+        length = input_ids.shape[1]
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(length, past)
+        x = F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
+
+        self_mask, is_causal = _causal_mask(length, past, attention_mask, x.device)
+        memory_mask = _padding_mask(memory_attention_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self_mask, is_causal, memory, memory_mask, cache.layers[i] if cache is not None else None)
+        return x
+
+
+def _causal_mask(length: int, past: int, attention_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
+    """Self-attention mask for `length` new queries after `past` cached keys: (mask, is_causal)."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded:
+        if length == 1:
+            return None, False  # one new query may see every cached key
+        if past == 0:
+            return None, True  # SDPA's own causal kernel
+    keys = past + length
+    allowed = torch.ones(length, keys, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+    if padded:
+        allowed = allowed & attention_mask.bool()[:, None, None, -keys:]
+    return allowed, False
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: Tensor | None
+    loss: Tensor | None = None
+    encoder_hidden: Tensor | None = None
+    num_target_tokens: int | None = None
+
+
+class BartModel(nn.Module):
+    """The shared embedding plus encoder and decoder (Transformers' `model.` prefix)."""
+
+    def __init__(self, config: BartConfig):
+        super().__init__()
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = Encoder(config, self.shared)
+        self.decoder = Decoder(config, self.shared)
+
+
+class BartForConditionalGeneration(nn.Module):
+    def __init__(self, config: BartConfig):
+        super().__init__()
+        self.config = config
+        self.model = BartModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.shared.weight
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As Transformers initialises BART: N(0, init_std) weights, zero biases, zero padding row.
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.model.encoder
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.model.decoder
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model.encoder(input_ids, attention_mask)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden) + self.final_logits_bias.to(hidden.dtype)
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        encoder_hidden: Tensor,
+        encoder_attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits for the given decoder tokens; with a cache, only the new tokens need be passed."""
+        hidden = self.model.decoder(decoder_input_ids, encoder_hidden, encoder_attention_mask,
+                                    decoder_attention_mask, cache)
+        return self.lm_logits(hidden)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.model.decoder.layers))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        encoder_hidden: Tensor | None = None,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
+    ) -> Seq2SeqOutput:
+        """Teacher-forced forward pass.
+
+        With `labels` (-100 where ignored) the loss is cross-entropy over the target tokens,
+        `loss_reduction` "mean" (Transformers' loss) or "sum" (for normalising by the token count
+        of a whole accumulated batch). `return_logits=False` runs the LM head only at the target
+        positions, which is all the loss needs and saves the [batch, length, vocab] tensor.
+        """
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = shift_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        if encoder_hidden is None:
+            encoder_hidden = self.encode(input_ids, attention_mask)
+        hidden = self.model.decoder(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask)
+
+        if labels is None:
+            return Seq2SeqOutput(logits=self.lm_logits(hidden), encoder_hidden=encoder_hidden)
+        target = labels != -100
+        if return_logits:
+            logits = self.lm_logits(hidden)
+            target_logits, target_labels = logits[target], labels[target]
+        else:
+            logits = None
+            target_logits, target_labels = self.lm_logits(hidden[target]), labels[target]
+        loss = F.cross_entropy(target_logits.float(), target_labels, reduction=loss_reduction)
+        return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden=encoder_hidden,
+                             num_target_tokens=int(target_labels.numel()))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Distinct parameters (the tied embedding counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
