@@ -1,0 +1,267 @@
+"""The training loop, read top to bottom.
+
+One optimizer step = `grad_accum` micro-batches. Each micro-batch's loss is the *sum* over its
+target tokens divided by the target tokens of the whole accumulated batch, so the gradient is
+that of the token-mean loss over everything the step saw (dividing each micro-batch's mean by
+`grad_accum` would weight short targets more). Then: unscale (fp16), clip, AdamW step, next LR.
+
+Validation runs every `eval_every` steps and at each epoch's end; the plateau monitor decides
+when to stop, `best/` keeps the best weights and `last/` everything needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from data.batching import LengthGroupedSampler, TokenizedSplit, collate
+from engine.checkpointing import RunDir
+from engine.early_stopping import EarlyStopping
+from engine.evaluation import evaluate_loss
+from engine.lora import LoRAConfig
+from engine.optim import AdamW, param_groups_for_weight_decay
+from engine.schedule import set_lr
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN); the message says what to try."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    warmup: float = 0.0  # < 1: fraction of the total steps; >= 1: a number of steps
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    amp: str = "auto"
+    eval_every: int | None = None  # steps; validation also runs at every epoch's end
+    eval_batch_size: int | None = None
+    patience: int = 3
+    min_delta: float = 0.0
+    seed: int = 0
+    max_bad_steps: int = 5  # NaN/inf losses in a row before giving up
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in `last/` so a resumed run continues from exactly here."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of `epoch` already consumed
+    bad_steps: int = 0
+    train_time: float = 0.0
+    samples_seen: int = 0
+    loss_sum: float = 0.0  # for the run's mean training loss
+    losses_seen: int = 0
+
+
+@dataclass
+class TrainResult:
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a gradient scaler is needed)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or off on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    return int(warmup) if warmup >= 1 else math.ceil(warmup * total_steps)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def accumulate_gradients(model, micro_batches: list, device, autocast=None, scaler=None) -> float:
+    """Backward over the micro-batches of one step; returns the token-mean loss of all of them.
+
+    Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step),
+    so the gradients equal those of one batch holding every example.
+    """
+    num_tokens = sum(b.num_target_tokens for b in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = batch.to(device)
+        with autocast or nullcontext():
+            out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
+                        return_logits=False, loss_reduction="sum")
+        loss = out.loss / num_tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += out.loss.detach()
+    return float(loss_sum) / num_tokens
+
+
+def train(
+    model,
+    tokenizer,
+    train_split: TokenizedSplit,
+    val_split: TokenizedSplit,
+    config: TrainConfig,
+    run: RunDir,
+    device: torch.device,
+    lora_config: LoRAConfig | None = None,
+    resume: bool = False,
+    on_step_end: Callable[[TrainState], None] | None = None,
+) -> TrainResult:
+    pad_id, start_id = model.config.pad_token_id, model.config.decoder_start_token_id
+    amp_dtype, needs_scaler = resolve_amp(config.amp, device)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW(param_groups_for_weight_decay(model, config.weight_decay), lr=config.lr,
+                      weight_decay=config.weight_decay)
+    sampler = LengthGroupedSampler(train_split.lengths(), config.batch_size, seed=config.seed)
+    steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    warmup = warmup_steps(config.warmup, total_steps)
+    monitor = EarlyStopping("min", config.patience, config.min_delta)
+    eval_every = config.eval_every or steps_per_epoch
+    state = TrainState()
+
+    if resume:
+        saved = run.load_training_state()
+        state = TrainState(**saved["state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        monitor.load_state_dict(saved["early_stopping"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        run.truncate_log(state.step)
+
+    def save_last() -> None:
+        run.save(run.last, model, tokenizer, lora_config, {
+            "state": asdict(state), "optimizer": optimizer.state_dict(), "early_stopping": monitor.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
+        })
+
+    def validate() -> dict:
+        report = evaluate_loss(model, val_split, config.eval_batch_size or config.batch_size, device, pad_id,
+                               start_id, autocast if amp_dtype else None)
+        improved = monitor.update(report.loss, state.step)
+        record = {"step": state.step, "epoch": round(state.epoch + state.batches_done / max(len(sampler), 1), 4),
+                  "eval_loss": report.loss, "eval_runtime": report.runtime,
+                  "eval_samples_per_second": report.samples_per_second, "best": improved}
+        run.log(record)
+        if improved:
+            run.save(run.best, model, tokenizer, lora_config)
+        save_last()
+        bar.write(f"step {state.step}: eval loss {report.loss:.4f}" + (" (best)" if improved else ""))
+        return record
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    last_eval = None
+    while state.step < total_steps and not monitor.should_stop:
+        batches = sampler.epoch_batches(state.epoch)
+        while state.batches_done < len(batches) and state.step < total_steps and not monitor.should_stop:
+            step_start = time.perf_counter()
+            group = batches[state.batches_done:state.batches_done + config.grad_accum]
+            micro_batches = [collate(train_split, indices, pad_id, start_id) for indices in group]
+            lr = set_lr(optimizer, state.step, warmup, total_steps, config.schedule)[0]
+
+            num_tokens = sum(b.num_target_tokens for b in micro_batches)
+            step_loss = accumulate_gradients(model, micro_batches, device, autocast, scaler)
+
+            grad_norm = None
+            if math.isfinite(step_loss):
+                state.bad_steps = 0
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if config.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                state.loss_sum += step_loss
+                state.losses_seen += 1
+            else:
+                state.bad_steps += 1
+                warnings.warn(f"step {state.step + 1}: loss is {step_loss}; skipping this update "
+                              f"({state.bad_steps} in a row)", stacklevel=1)
+                if state.bad_steps >= config.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss was NaN or infinite for {state.bad_steps} steps in a row (at step {state.step + 1}); "
+                        "try a lower --lr, --amp off, or check the data for empty targets")
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.batches_done += len(group)
+            state.samples_seen += sum(len(b) for b in micro_batches)
+            elapsed = time.perf_counter() - step_start
+            state.train_time += elapsed
+            # real (unpadded) source and target tokens processed per second
+            tokens_per_s = (sum(int(b.attention_mask.sum()) for b in micro_batches) + num_tokens) / elapsed
+            run.log({"step": state.step, "epoch": round(state.epoch + state.batches_done / len(batches), 4),
+                     "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens_per_s})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+            epoch_over = state.batches_done >= len(batches)
+            if epoch_over:  # the next save must point at the next epoch's first batch
+                state.epoch += 1
+                state.batches_done = 0
+            if epoch_over or state.step % eval_every == 0:
+                last_eval = validate()
+            if on_step_end is not None:
+                on_step_end(state)
+            if epoch_over:
+                break  # the next epoch has its own batch order
+        if state.step >= total_steps and (last_eval is None or last_eval["step"] != state.step):
+            last_eval = validate()
+    bar.close()
+
+    stopped_early = monitor.should_stop and state.step < total_steps
+    if monitor.best_step is not None and monitor.best_step != state.step:
+        run.restore_weights(run.best, model)  # finish holding the best weights, as saved in best/
+    summary = {
+        "steps": state.step,
+        "epochs": round(state.epoch + state.batches_done / max(len(sampler), 1), 4),
+        "train_runtime": round(state.train_time, 3),
+        "train_samples_per_second": round(state.samples_seen / state.train_time, 3) if state.train_time else None,
+        "train_loss": state.loss_sum / state.losses_seen if state.losses_seen else None,
+        "eval_loss": monitor.best,
+        "eval_runtime": round(last_eval["eval_runtime"], 3) if last_eval else None,
+        "eval_samples_per_second": round(last_eval["eval_samples_per_second"], 3) if last_eval else None,
+        "best_step": monitor.best_step,
+        "stopped_early": stopped_early,
+    }
+    run.log({"step": state.step, "summary": summary})
+    return TrainResult(summary, run.read_log())
