@@ -136,13 +136,16 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
     return out
 
 
+def pad_sources(sources: Sequence[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), right-padded to the longest source given."""
+    return _pad(list(sources), pad_token_id), _pad([[1] * len(s) for s in sources], 0)
+
+
 def collate(split: TokenizedSplit, indices: Sequence[int], pad_token_id: int,
             decoder_start_token_id: int) -> Batch:
     """Pad the chosen examples to their own longest source and target (right padding)."""
-    sources = [split.sources[i] for i in indices]
+    input_ids, attention_mask = pad_sources([split.sources[i] for i in indices], pad_token_id)
     labels = _pad([split.targets[i] for i in indices], IGNORE_INDEX)
-    input_ids = _pad(sources, pad_token_id)
-    attention_mask = _pad([[1] * len(s) for s in sources], 0)
     return Batch(input_ids, attention_mask, shift_right(labels, pad_token_id, decoder_start_token_id), labels,
                  list(indices))
 

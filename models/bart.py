@@ -64,9 +64,12 @@ class KVCache:
         first = self.layers[0].self_k
         return 0 if first is None else first.shape[2]
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, include_cross: bool = True) -> None:
+        """Keep rows `index` of every cached tensor. Beam search passes include_cross=False when
+        rows only move among copies of the same source, whose cross-attention keys are equal."""
+        names = ("self_k", "self_v", "cross_k", "cross_v") if include_cross else ("self_k", "self_v")
         for layer in self.layers:
-            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            for name in names:
                 value = getattr(layer, name)
                 if value is not None:
                     setattr(layer, name, value.index_select(0, index))
