@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data.deid import format_counts, scrub_record
 from data.errors import DataError, exit_on_data_error, where
-from data.records import RecordFormat, dedupe, read_csv_rows, refuse_to_overwrite, write_json
+from data.records import RecordFormat, read_csv_rows, refuse_to_overwrite, write_imported
 
 COLUMNS = ("File", "CHQ", "Summary")
 TEXT_FIELDS = ("question", "summary")  # what --deidentify scrubs
@@ -56,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     records, warnings, counts = convert(args.input, args.deidentify)
     if not records:
         raise DataError(f"{args.input}: no usable rows")
-    duplicates = dedupe(FORMAT.to_example(r, default_id=r["id"]) for r in records)[1]
-    warnings += [f"warning: {args.out}: {dup}" for dup in duplicates]
-    for line in warnings:
-        print(line, file=sys.stderr)
-    write_json(args.out, records)
-    print(f"wrote {len(records)} records to {args.out}; train with --format meqsum")
+    write_imported(args.out, records, warnings, FORMAT, "meqsum", "")
     if args.deidentify:
         print(f"de-identified: {format_counts(counts)}")
     return 0

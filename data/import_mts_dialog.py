@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data.deid import format_counts, scrub_record
 from data.errors import DataError, exit_on_data_error, where
-from data.records import RecordFormat, dedupe, read_csv_rows, refuse_to_overwrite, write_json
+from data.records import RecordFormat, read_csv_rows, refuse_to_overwrite, write_imported
 
 COLUMNS = ("ID", "section_header", "section_text", "dialogue")
 TEXT_FIELDS = ("dialogue", "summary")  # what --deidentify scrubs
@@ -64,13 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     records, warnings, counts = convert(args.inputs, args.deidentify)
     if not records:
         raise DataError(f"{', '.join(map(str, args.inputs))}: no usable rows")
-    duplicates = dedupe(FORMAT.to_example(r, default_id=r["id"]) for r in records)[1]
-    warnings += [f"warning: {args.out}: {dup}" for dup in duplicates]
-    for line in warnings:
-        print(line, file=sys.stderr)
-    write_json(args.out, records)
-    print(f"wrote {len(records)} records from {len(args.inputs)} file(s) to {args.out}; "
-          f"train with --format mts-dialog")
+    write_imported(args.out, records, warnings, FORMAT, "mts-dialog", f"from {len(args.inputs)} file(s) ")
     if args.deidentify:
         print(f"de-identified: {format_counts(counts)}")
     return 0

@@ -40,16 +40,16 @@ import argparse
 import csv
 import io
 import json
-import os
 import re
 import string
-import tempfile
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from data.errors import DataError, where
+from models.atomic import atomic_write_text
 
 DEFAULT_SOURCE_FIELDS = ("patient_history", "diagnosis", "treatment_plan")
 
@@ -438,19 +438,7 @@ def read_csv_rows(path: str | Path, columns: Iterable[str]) -> list[tuple[int, d
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically: UTF-8, indent 2, non-ASCII kept, trailing newline."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def refuse_to_overwrite(paths: Iterable[str | Path], force: bool) -> None:
@@ -488,3 +476,13 @@ def format_from_args(args: argparse.Namespace) -> RecordFormat:
         template=template,  # --source-fields alone drops the preset's template
         id_field=args.id_field or base.id_field,
     )
+
+
+def write_imported(out: Path, records: list[dict], warnings: list[str], fmt: RecordFormat, format_name: str,
+                   what: str) -> None:
+    """The end of every importer: report duplicates and skipped rows, write `out`, say how to train."""
+    duplicates = dedupe(fmt.to_example(r, default_id=r["id"]) for r in records)[1]
+    for line in warnings + [f"warning: {out}: {dup}" for dup in duplicates]:
+        print(line, file=sys.stderr)
+    write_json(out, records)
+    print(f"wrote {len(records)} records {what}to {out}; train with --format {format_name}")

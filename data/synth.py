@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from data.abbreviations import ABBREVIATIONS, expand_text, find_abbreviations
 from data.errors import DataError, exit_on_data_error
-from models.atomic import atomic_write
+from models.atomic import atomic_write_text
 
 IN_DOMAIN = ("cardiology", "pulmonology", "oncology", "endocrinology", "gastroenterology",
              "nephrology", "infectious disease", "hematology")
@@ -697,14 +696,9 @@ def write(out: Path, texts: dict[str, str], force: bool) -> None:
                         "pass --force to overwrite")
     for name, text in texts.items():
         try:
-            atomic_write(out / name, lambda tmp, text=text: _write_shared(tmp, text))
+            atomic_write_text(out / name, text)
         except OSError as e:
             raise DataError(f"{out / name}: cannot write: {e.strerror or e}") from None
-
-
-def _write_shared(path: str, text: str) -> None:
-    Path(path).write_text(text, encoding="utf-8")
-    os.chmod(path, 0o644)  # a dataset is for everyone to read; mkstemp makes files 0600
 
 
 def differences(out: Path, texts: dict[str, str]) -> list[str]:

@@ -19,8 +19,7 @@ targets -> target_modules (suffixes; "all-linear" excludes lm_head in both), use
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from models.atomic import atomic_write, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -266,18 +267,6 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _check_layers_match(layers: list[tuple[str, LoRALinear]], config: LoRAConfig, source: str) -> None:
     for name, layer in layers:
         if layer.rank != config.rank or layer.alpha != config.alpha:
@@ -303,9 +292,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
     _check_targets_match(model, layers, config, f"save_adapter({directory})")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, config.train_biases).items()}
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config_text = json.dumps(asdict(config), indent=2) + "\n"
-    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write_text(directory / ADAPTER_CONFIG, config_text)
     return directory
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from models.atomic import atomic_write_text
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
@@ -178,7 +178,7 @@ class BartTokenizer:
             TOKENIZER_FILE: serialized,  # last: loaders prefer it, so it appears only once the rest exist
         }
         for name, text in files.items():
-            _atomic_write_text(directory / name, text)
+            atomic_write_text(directory / name, text)
 
     def _special_tokens_map(self) -> dict:
         return {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "sep_token": EOS,
@@ -308,20 +308,6 @@ def _check_max_length(max_length: int | None) -> int | None:
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise TokenizerError(f"max_length must be an int >= 2 (room for <s> and </s>), got {max_length!r}")
     return max_length
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.batching import (IGNORE_INDEX, LengthGroupedSampler, TokenizedSplit, collate, padding_fraction,
                            random_batches, tokenize, tokenize_cached)
