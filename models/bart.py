@@ -202,34 +202,39 @@ def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
-class Encoder(nn.Module):
-    def __init__(self, config: BartConfig, embed_tokens: nn.Embedding):
+class LayerStack(nn.Module):
+    """What encoder and decoder share: token embedding (shared, optionally scaled by
+    sqrt(d_model)) plus learned positions, `layernorm_embedding`, dropout, then the layers."""
+
+    def __init__(self, config: BartConfig, embed_tokens: nn.Embedding, layers: list[nn.Module]):
         super().__init__()
         self.dropout = config.dropout
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.embed_tokens = embed_tokens
         self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.layers = nn.ModuleList(layers)
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
 
+    def embed(self, input_ids: Tensor, past: int = 0) -> Tensor:
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1], past)
+        return F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
+
+
+class Encoder(LayerStack):
+    def __init__(self, config: BartConfig, embed_tokens: nn.Embedding):
+        super().__init__(config, embed_tokens, [EncoderLayer(config) for _ in range(config.encoder_layers)])
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1])
-        x = F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
+        x = self.embed(input_ids)
         mask = _padding_mask(attention_mask)
         for layer in self.layers:
             x = layer(x, mask)
         return x
 
 
-class Decoder(nn.Module):
+class Decoder(LayerStack):
     def __init__(self, config: BartConfig, embed_tokens: nn.Embedding):
-        super().__init__()
-        self.dropout = config.dropout
-        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.embed_tokens = embed_tokens
-        self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
-        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        super().__init__(config, embed_tokens, [DecoderLayer(config) for _ in range(config.decoder_layers)])
 
     def forward(
         self,
@@ -240,11 +245,8 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         past = cache.length if cache is not None else 0
-        length = input_ids.shape[1]
-        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(length, past)
-        x = F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
-
-        self_mask, is_causal = _causal_mask(length, past, attention_mask, x.device)
+        x = self.embed(input_ids, past)
+        self_mask, is_causal = _causal_mask(input_ids.shape[1], past, attention_mask, x.device)
         memory_mask = _padding_mask(memory_attention_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, self_mask, is_causal, memory, memory_mask, cache.layers[i] if cache is not None else None)
