@@ -11,13 +11,13 @@ OUTPUT/run_config.json. `--resume` continues OUTPUT exactly where `last` left it
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from data.errors import DataError
-from data.records import add_format_args, format_from_args
+from data.records import add_format_args, find_leakage, format_from_args
 from engine.checkpointing import RunDir, RunDirError
+from engine.distributed import World, from_env
 from engine.lora import LoRAConfig
 from engine.setup import (DEFAULT_CACHE, build_model, check_vocabulary, is_preset, load_examples, offline_hint,
                           pick_device, prepare_trainable, tokenize_examples)
@@ -101,28 +101,40 @@ def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RUN_SETTINGS}
 
 
-def train_one(args: argparse.Namespace, output_dir: Path, resume: bool) -> dict:
+def quiet(*args, **kwargs) -> None:
+    pass
+
+
+def train_one(args: argparse.Namespace, output_dir: Path, resume: bool, world: World = World()) -> dict:
     """One training run with scalar lr / batch size / weight decay; returns its summary."""
+    log = print if world.is_main else quiet  # one copy of each message, not one per process
     run = RunDir(output_dir)
-    run.prepare(resume=resume, overwrite=args.overwrite)
+    if world.is_main:
+        run.prepare(resume=resume, overwrite=args.overwrite)
+    world.barrier()
     if resume:  # the run's own settings, so it continues exactly as it started
         vars(args).update(run.read_run_config())
-        print(f"resuming {output_dir} from its last checkpoint")
+        log(f"resuming {output_dir} from its last checkpoint")
     fmt = format_from_args(args)
     data_dir = Path(args.data_dir)
-    train_examples = load_examples(data_dir / "train.json", fmt, args.deidentify)
-    val_examples = load_examples(data_dir / "val.json", fmt, args.deidentify)
+    train_examples = load_examples(data_dir / "train.json", fmt, args.deidentify, log)
+    val_examples = load_examples(data_dir / "val.json", fmt, args.deidentify, log)
+    leaks = find_leakage({"train": train_examples, "val": val_examples})
+    if leaks:
+        log(f"warning: {len(leaks)} validation records also appear in the training data; "
+            "validation loss will be optimistic")
 
+    # Every rank builds the same model: presets are seeded, and DDP starts from rank 0's weights.
     texts = [t for e in train_examples for t in (e.source, e.target)]
-    model, tokenizer, from_scratch = build_model(args.model, args.seed, texts, args.vocab_size)
+    model, tokenizer, from_scratch = build_model(args.model, args.seed, texts, args.vocab_size, log)
     if resume:
         tokenizer = load_tokenizer(run.last)
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
                       args.lora_train_biases) if args.lora else None
-    prepare_trainable(model, lora, args.freeze_encoder, args.freeze_embeddings, from_scratch)
+    prepare_trainable(model, lora, args.freeze_encoder, args.freeze_embeddings, from_scratch, log)
     if resume:
         run.restore_weights(run.last, model)
-    else:
+    elif world.is_main:
         run.write_run_config(run_settings(args))
 
     cache = Path(args.cache_dir) if args.cache_dir else None
@@ -130,7 +142,7 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool) -> dict:
     for name, examples in (("train", train_examples), ("val", val_examples)):
         path = data_dir / f"{name}.json"
         splits[name] = tokenize_examples(examples, path, fmt, tokenizer, args.max_source_len, args.max_target_len,
-                                         args.deidentify, cache)
+                                         args.deidentify, cache if world.is_main else None, log)
         check_vocabulary(splits[name], model.config.vocab_size, str(path))
 
     config = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -139,8 +151,9 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool) -> dict:
                          eval_every=args.eval_every, patience=args.patience, min_delta=args.min_delta,
                          seed=args.seed, progress=not args.no_progress)
     result = train(model, tokenizer, splits["train"], splits["val"], config, run, pick_device(args.device),
-                   lora, resume=resume)
-    print_summary(result.summary, run)
+                   lora, resume=resume, world=world)
+    if world.is_main:
+        print_summary(result.summary, run)
     return result.summary
 
 
@@ -155,13 +168,16 @@ def print_summary(summary: dict, run: RunDir) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        world, args.device = from_env(args.device)
         if len(args.lr) * len(args.batch_size) * len(args.weight_decay) > 1:
             if args.resume:
                 raise RunDirError("--resume takes one run; resume a sweep's run with --output-dir SWEEP/runs/NAME")
+            if world.distributed:
+                raise RunDirError("sweeps run in one process; launch each setting with torchrun separately")
             run_sweep(args, grid(args.lr, args.batch_size, args.weight_decay), train_one)
         else:
             args.lr, args.batch_size, args.weight_decay = args.lr[0], args.batch_size[0], args.weight_decay[0]
-            train_one(args, Path(args.output_dir), args.resume)
+            train_one(args, Path(args.output_dir), args.resume, world)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if not is_preset(args.model) and "download" in str(exc):

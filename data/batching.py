@@ -180,7 +180,8 @@ class LengthGroupedSampler:
         return self.batch_size * self.num_replicas
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.global_batch_size)
+        full, rest = divmod(len(self.lengths), self.global_batch_size)
+        return full + (rest >= self.num_replicas)  # a last batch too small to give every rank one is dropped
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches for `epoch`, as lists of example positions."""
@@ -198,8 +199,10 @@ class LengthGroupedSampler:
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
                 global_batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
             global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
+        # Every rank must take the same number of steps, so a global batch that cannot give each
+        # rank an example (only ever the last, short one) is dropped on all of them.
         return [batch[self.rank::self.num_replicas].tolist() for batch in global_batches
-                if len(batch[self.rank::self.num_replicas])]
+                if len(batch) >= self.num_replicas]
 
 
 def padding_fraction(split: TokenizedSplit, batches: Sequence[Sequence[int]]) -> float:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from data.batching import LengthGroupedSampler, TokenizedSplit, collate
 from engine.checkpointing import RunDir
+from engine.distributed import World
 from engine.early_stopping import EarlyStopping
 from engine.evaluation import evaluate_loss
 from engine.lora import LoRAConfig
@@ -106,23 +107,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def accumulate_gradients(model, micro_batches: list, device, autocast=None, scaler=None) -> float:
+def accumulate_gradients(model, micro_batches: list, device, autocast=None, scaler=None,
+                         world: World = World()) -> float:
     """Backward over the micro-batches of one step; returns the token-mean loss of all of them.
 
-    Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step),
-    so the gradients equal those of one batch holding every example.
+    Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step,
+    on every rank), so the gradients equal those of one batch holding every example. DDP
+    averages gradients over ranks, hence the factor `world.size`; it synchronises only after
+    the last micro-batch.
     """
-    num_tokens = sum(b.num_target_tokens for b in micro_batches)
+    num_tokens = world.sum(sum(b.num_target_tokens for b in micro_batches), device)
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = batch.to(device)
-        with autocast or nullcontext():
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last or not world.distributed else model.no_sync(), autocast or nullcontext():
             out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
                         return_logits=False, loss_reduction="sum")
-        loss = out.loss / num_tokens
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = out.loss * world.size / num_tokens
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += out.loss.detach()
-    return float(loss_sum) / num_tokens
+    return world.sum(float(loss_sum), device) / num_tokens
 
 
 def train(
@@ -136,6 +141,7 @@ def train(
     lora_config: LoRAConfig | None = None,
     resume: bool = False,
     on_step_end: Callable[[TrainState], None] | None = None,
+    world: World = World(),
 ) -> TrainResult:
     pad_id, start_id = model.config.pad_token_id, model.config.decoder_start_token_id
     amp_dtype, needs_scaler = resolve_amp(config.amp, device)
@@ -143,10 +149,13 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
     model.to(device).train()
+    # Forward/backward go through DDP when there are several ranks; everything else uses `model`.
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(param_groups_for_weight_decay(model, config.weight_decay), lr=config.lr,
                       weight_decay=config.weight_decay)
-    sampler = LengthGroupedSampler(train_split.lengths(), config.batch_size, seed=config.seed)
+    sampler = LengthGroupedSampler(train_split.lengths(), config.batch_size, seed=config.seed,
+                                   num_replicas=world.size, rank=world.rank)
     steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     warmup = warmup_steps(config.warmup, total_steps)
@@ -161,14 +170,24 @@ def train(
         monitor.load_state_dict(saved["early_stopping"])
         if scaler is not None and saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
-        run.truncate_log(state.step)
+        if len(saved["rng"]) != world.size:
+            raise TrainingError(f"{run.last} was saved by {len(saved['rng'])} processes; resume it with as many")
+        set_rng_state(saved["rng"][world.rank])
+        if world.is_main:
+            run.truncate_log(state.step)
+
+    def log(record: dict) -> None:
+        if world.is_main:
+            run.log(record)
 
     def save_last() -> None:
-        run.save(run.last, model, tokenizer, lora_config, {
-            "state": asdict(state), "optimizer": optimizer.state_dict(), "early_stopping": monitor.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
-        })
+        rng_states = world.gather(rng_state())  # every rank's dropout stream, for an exact resume
+        if world.is_main:
+            run.save(run.last, model, tokenizer, lora_config, {
+                "state": asdict(state), "optimizer": optimizer.state_dict(), "early_stopping": monitor.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
+            })
+        world.barrier()
 
     def validate() -> dict:
         report = evaluate_loss(model, val_split, config.eval_batch_size or config.batch_size, device, pad_id,
@@ -177,14 +196,16 @@ def train(
         record = {"step": state.step, "epoch": round(state.epoch + state.batches_done / max(len(sampler), 1), 4),
                   "eval_loss": report.loss, "eval_runtime": report.runtime,
                   "eval_samples_per_second": report.samples_per_second, "best": improved}
-        run.log(record)
-        if improved:
+        log(record)
+        if improved and world.is_main:
             run.save(run.best, model, tokenizer, lora_config)
         save_last()
-        bar.write(f"step {state.step}: eval loss {report.loss:.4f}" + (" (best)" if improved else ""))
+        if world.is_main:
+            bar.write(f"step {state.step}: eval loss {report.loss:.4f}" + (" (best)" if improved else ""))
         return record
 
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not config.progress,
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+               disable=not (config.progress and world.is_main),
                dynamic_ncols=True)
     last_eval = None
     while state.step < total_steps and not monitor.should_stop:
@@ -196,7 +217,7 @@ def train(
             lr = set_lr(optimizer, state.step, warmup, total_steps, config.schedule)[0]
 
             num_tokens = sum(b.num_target_tokens for b in micro_batches)
-            step_loss = accumulate_gradients(model, micro_batches, device, autocast, scaler)
+            step_loss = accumulate_gradients(step_model, micro_batches, device, autocast, scaler, world)
 
             grad_norm = None
             if math.isfinite(step_loss):
@@ -224,12 +245,12 @@ def train(
 
             state.step += 1
             state.batches_done += len(group)
-            state.samples_seen += sum(len(b) for b in micro_batches)
+            state.samples_seen += int(world.sum(sum(len(b) for b in micro_batches), device))
             elapsed = time.perf_counter() - step_start
             state.train_time += elapsed
             # real (unpadded) source and target tokens processed per second
             tokens_per_s = (sum(int(b.attention_mask.sum()) for b in micro_batches) + num_tokens) / elapsed
-            run.log({"step": state.step, "epoch": round(state.epoch + state.batches_done / len(batches), 4),
+            log({"step": state.step, "epoch": round(state.epoch + state.batches_done / len(batches), 4),
                      "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens_per_s})
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
@@ -263,5 +284,5 @@ def train(
         "best_step": monitor.best_step,
         "stopped_early": stopped_early,
     }
-    run.log({"step": state.step, "summary": summary})
-    return TrainResult(summary, run.read_log())
+    log({"step": state.step, "summary": summary})
+    return TrainResult(summary, run.read_log() if world.is_main else [])
