@@ -19,6 +19,7 @@ from data.records import add_format_args, find_leakage, format_from_args
 from engine.checkpointing import RunDir, RunDirError
 from engine.distributed import World, from_env
 from engine.lora import LoRAConfig
+from engine.plots import plot_run, plot_sweep
 from engine.setup import (DEFAULT_CACHE, build_model, check_vocabulary, is_preset, load_examples, offline_hint,
                           pick_device, prepare_trainable, tokenize_examples)
 from engine.sweep import grid, run_sweep
@@ -154,6 +155,7 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool, world: W
                    lora, resume=resume, world=world)
     if world.is_main:
         print_summary(result.summary, run)
+        plot_run(run.path)
     return result.summary
 
 
@@ -175,6 +177,7 @@ def main(argv=None) -> int:
             if world.distributed:
                 raise RunDirError("sweeps run in one process; launch each setting with torchrun separately")
             run_sweep(args, grid(args.lr, args.batch_size, args.weight_decay), train_one)
+            plot_sweep(Path(args.output_dir))
         else:
             args.lr, args.batch_size, args.weight_decay = args.lr[0], args.batch_size[0], args.weight_decay[0]
             train_one(args, Path(args.output_dir), args.resume, world)

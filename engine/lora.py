@@ -11,7 +11,7 @@ Merging folds B A into W explicitly (in fp32); `.eval()` never merges (loralib's
 Key mapping to a PEFT adapter (`adapter_model.safetensors`, adapter name "default" dropped):
     <path>.lora_a  [rank, in]   ->  base_model.model.<path>.lora_A.weight
     <path>.lora_b  [out, rank]  ->  base_model.model.<path>.lora_B.weight
-    <path>.bias (train_biases)  ->  base_model.model.<path>.bias          (PEFT bias="lora_only")
+    <path>.bias (train_biases)  ->  base_model.model.<path>.base_layer.bias   (PEFT bias="lora_only")
 and LoRAConfig -> PEFT LoraConfig: rank -> r, alpha -> lora_alpha, dropout -> lora_dropout,
 targets -> target_modules (suffixes; "all-linear" excludes lm_head in both), use_rslora=False.
 """

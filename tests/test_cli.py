@@ -61,6 +61,7 @@ def test_train_from_scratch_writes_loadable_last_and_best_checkpoints(data_dir, 
         names = {p.name for p in (out / checkpoint).iterdir()}
         assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
     assert (out / "last" / "training_state.pt").exists()
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")  # the loss curve, drawn after training
     settings = json.loads((out / "run_config.json").read_text())
     assert settings["model"] == "tiny" and settings["lr"] == 1e-3 and settings["lora"] is False
     # Evaluating the run needs no flags beyond where it is.
@@ -104,6 +105,7 @@ def test_sweep_trains_the_grid_sorts_by_validation_loss_and_keeps_the_best(data_
     kept = [r["run"] for r in sweep["runs"] if (out / "runs" / r["run"] / "best").exists()]
     assert kept == [sweep["best"]]
     assert "best val loss" in capsys.readouterr().out
+    assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_data_is_a_one_line_error_with_exit_2_and_no_traceback(data_dir, tmp_path):
