@@ -24,6 +24,7 @@ from engine.setup import (DEFAULT_CACHE, build_model, check_vocabulary, is_prese
                           pick_device, prepare_trainable, tokenize_examples)
 from engine.sweep import grid, run_sweep
 from engine.trainer import AMP_MODES, TrainConfig, TrainingError, train
+from models.bart import set_dropout
 from models.errors import ModelError
 from models.tokenizer import TokenizerError, load_tokenizer
 
@@ -32,7 +33,7 @@ DEFAULT_MODEL = "sshleifer/distilbart-cnn-12-6"
 RUN_SETTINGS = ("model", "data_dir", "lr", "epochs", "max_steps", "batch_size", "grad_accum", "weight_decay",
                 "warmup", "schedule", "max_grad_norm", "amp", "eval_every", "patience", "min_delta", "seed",
                 "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_train_biases",
-                "freeze_encoder", "freeze_embeddings", "max_source_len", "max_target_len", "vocab_size",
+                "freeze_encoder", "freeze_embeddings", "max_source_len", "max_target_len", "vocab_size", "dropout",
                 "deidentify", "format", "source_fields", "target_field", "template", "id_field")
 
 
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--max-target-len", type=int, default=256, help="target tokens kept (default: 256)")
     io.add_argument("--deidentify", action="store_true", help="mask e-mails, phones, dates, ... before training")
     io.add_argument("--vocab-size", type=int, help="tokenizer size when training a preset from scratch")
+    io.add_argument("--dropout", type=float, help="override the model's dropout (config `dropout`)")
     io.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenised-data cache (default: %(default)s)")
     add_format_args(p)
 
@@ -132,6 +134,8 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool, world: W
         tokenizer = load_tokenizer(run.last)
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
                       args.lora_train_biases) if args.lora else None
+    if args.dropout is not None:
+        set_dropout(model, args.dropout)
     prepare_trainable(model, lora, args.freeze_encoder, args.freeze_embeddings, from_scratch, log)
     if resume:
         run.restore_weights(run.last, model)

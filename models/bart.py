@@ -384,6 +384,17 @@ class BartForConditionalGeneration(nn.Module):
                              num_target_tokens=int(target_labels.numel()))
 
 
+def set_dropout(model: BartForConditionalGeneration, p: float) -> None:
+    """Change the residual/embedding dropout of a built model (config `dropout`), as Transformers'
+    `from_pretrained(..., dropout=p)` does for a checkpoint."""
+    if not 0.0 <= p < 1.0:
+        raise ModelError(f"dropout must be in [0, 1), got {p}")
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, (LayerStack, EncoderLayer, DecoderLayer)):
+            module.dropout = p
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Distinct parameters (the tied embedding counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

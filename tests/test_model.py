@@ -9,6 +9,7 @@ import transformers
 from models.bart import BartForConditionalGeneration, count_parameters, shift_right
 from models.config import PRESETS, BartConfig, preset
 from models.errors import ModelError
+from tests.oracle import PARITY_CONFIGS, hf_config, padded_batch, twin_models
 
 # The GUIDE's table: BartForConditionalGeneration parameters, tied embedding counted once.
 EXPECTED_PARAMETERS = {
@@ -19,46 +20,6 @@ EXPECTED_PARAMETERS = {
     "bart-large": 406_291_456,
     "bart-base": 139_420_416,
 }
-
-# Small configs that differ where BART implementations go wrong.
-PARITY_CONFIGS = {
-    "gelu-2-3": dict(encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=2),
-    "scaled-relu": dict(encoder_layers=1, decoder_layers=1, scale_embedding=True, activation_function="relu"),
-    "gelu_new-3-1": dict(encoder_layers=3, decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8,
-                         activation_function="gelu_new", encoder_ffn_dim=48, decoder_ffn_dim=24),
-}
-
-
-def hf_config(**overrides) -> transformers.BartConfig:
-    base = dict(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40)
-    return transformers.BartConfig(**{**base, **overrides})
-
-
-def twin_models(config: transformers.BartConfig, seed: int = 0):
-    """A random Transformers model (non-zero logits bias) and ours holding the same weights."""
-    torch.manual_seed(seed)
-    theirs = transformers.BartForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        theirs.final_logits_bias.normal_()
-    ours = BartForConditionalGeneration(BartConfig.from_hf_dict(config.to_dict())).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
-
-
-def padded_batch(vocab_size: int, seed: int = 1):
-    """Uneven source lengths (right padding) and uneven targets (-100 padding)."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (3, 13), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    for row, length in enumerate([13, 8, 4]):
-        attention_mask[row, length:] = 0
-    input_ids[attention_mask == 0] = 1
-    labels = torch.randint(3, vocab_size, (3, 9), generator=g)
-    labels[1, 5:] = -100
-    labels[2, 2:] = -100
-    return input_ids, attention_mask, labels
-
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMETERS))
 def test_preset_parameter_count_matches_the_published_model(name):
@@ -191,3 +152,22 @@ def test_input_longer_than_positions_is_a_clear_error():
     model = BartForConditionalGeneration(BartConfig.from_hf_dict(hf_config().to_dict()))
     with pytest.raises(ModelError, match="longer than the model's 40 positions"):
         model.encode(torch.ones(1, 41, dtype=torch.long))
+
+
+def test_set_dropout_matches_a_model_built_with_that_dropout():
+    from models.bart import set_dropout
+
+    config = BartConfig.from_hf_dict(hf_config(dropout=0.3).to_dict())
+    torch.manual_seed(0)
+    built = BartForConditionalGeneration(config).train()
+    torch.manual_seed(0)
+    changed = BartForConditionalGeneration(config.replace(dropout=0.0)).train()
+    set_dropout(changed, 0.3)
+    input_ids, attention_mask, labels = padded_batch(97)
+    torch.manual_seed(1)
+    expected = built(input_ids, attention_mask, labels=labels).loss
+    torch.manual_seed(1)
+    assert torch.equal(changed(input_ids, attention_mask, labels=labels).loss, expected)
+    assert changed.config.dropout == 0.3
+    with pytest.raises(ModelError, match="dropout must be in"):
+        set_dropout(changed, 1.5)
