@@ -12,13 +12,14 @@ leaves the previous one intact.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from engine.lora import LoRAConfig, load_adapter, lora_layers, save_adapter
 from models.atomic import atomic_directory, atomic_write, atomic_write_text, recover_directory
-from models.checkpoint import write_model_files
+from models.checkpoint import load_state_dict_from_dir, write_model_files
 
 TRAINING_STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"
@@ -68,7 +69,6 @@ class RunDir:
         if exists:
             for child in (self.last, self.best, self.metrics, self.run_config):
                 if child.is_dir():
-                    import shutil
                     shutil.rmtree(child)
                 elif child.exists():
                     child.unlink()
@@ -93,8 +93,10 @@ class RunDir:
         if any(True for _ in lora_layers(model)):
             load_adapter(model, which / ADAPTER_DIR)
             return
-        from models.checkpoint import load_state_dict_from_dir
-        model.load_state_dict(load_state_dict_from_dir(which), strict=False)
+        # The file stores the tied embedding once; strict loading would miss its other names.
+        missing, unexpected = model.load_state_dict(load_state_dict_from_dir(which), strict=False)
+        if unexpected:
+            raise RunDirError(f"{which}: unexpected tensors {', '.join(unexpected)}")
 
     def write_run_config(self, settings: dict) -> None:
         atomic_write_text(self.run_config, json.dumps(settings, indent=2, sort_keys=True) + "\n")

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.checkpointing import RunDirError
 from models.atomic import atomic_directory, atomic_write_text
 
 
@@ -41,7 +42,6 @@ def run_sweep(args: argparse.Namespace, points: list[dict],
               train_one: Callable[[argparse.Namespace, Path, bool], dict]) -> list[dict]:
     output = Path(args.output_dir)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
-        from engine.checkpointing import RunDirError
         raise RunDirError(f"{output} already holds results; pass --overwrite or choose another --output-dir")
     rows = []
     for i, point in enumerate(points, 1):
