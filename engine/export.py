@@ -24,7 +24,8 @@ import torch
 
 from engine.checkpointing import ADAPTER_DIR, RUN_CONFIG, merged_state_dict
 from engine.lora import inject_lora, load_adapter
-from engine.peft_adapter import base_model_id, is_peft_adapter, load_peft_adapter, read_adapter, save_peft_adapter
+from engine.lora import read_adapter
+from engine.peft_adapter import base_model_id, is_peft_adapter, load_peft_adapter, save_peft_adapter
 from models.atomic import atomic_directory
 from models.checkpoint import find_weights, load_pretrained, write_model_files
 from models.config import PRESETS

@@ -25,14 +25,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.atomic import atomic_write, atomic_write_text
+from models.errors import ModelError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ALL_LINEAR = "all-linear"
+
+
+class AdapterNotFoundError(ModelError, FileNotFoundError):
+    """An adapter directory without its weights or config file."""
 
 
 @dataclass
@@ -298,18 +304,46 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
-    """Load an adapter saved by save_adapter; injects LoRA first if the model has none yet."""
+def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Our own adapter directory (engine/lora.py's save_adapter): its config and tensors, checked for consistency."""
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: adapter file not found")
+            raise AdapterNotFoundError(f"{path}: not found; an adapter directory holds {ADAPTER_WEIGHTS} and "
+                                       f"{ADAPTER_CONFIG}")
     try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    config = LoRAConfig.from_dict(raw, source=str(config_path))
+        config = LoRAConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), source=str(config_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{weights_path}: not a readable safetensors file ({exc}); it is truncated or damaged") from None
+    layers = sorted(k.removesuffix(".lora_a") for k in tensors if k.endswith(".lora_a"))
+    expected = {f"{layer}.{leaf}" for layer in layers for leaf in ("lora_a", "lora_b")}
+    if config.train_biases:
+        expected |= {f"{layer}.bias" for layer in layers if f"{layer}.bias" in tensors}
+    if not layers or set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise ModelError(f"{weights_path}: does not hold one lora_a and one lora_b per layer"
+                         f"{' (biases only with train_biases)' if not config.train_biases else ''}; "
+                         f"{'no lora_a tensors' if not layers else 'odd tensors: ' + ', '.join(odd[:5])}")
+    for layer in layers:
+        a, b = tensors[f"{layer}.lora_a"], tensors[f"{layer}.lora_b"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.rank or b.shape[1] != config.rank:
+            raise ModelError(f"{weights_path}: {layer} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}, "
+                             f"which do not fit rank {config.rank} from {config_path}")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
+    """Load an adapter saved by save_adapter; injects LoRA first if the model has none yet."""
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    config, tensors = read_adapter(directory)
 
     if not any(True for _ in lora_layers(model)):
         inject_lora(model, config.targets, config.rank, config.alpha, config.dropout)
@@ -320,7 +354,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
         raise ValueError(f"load_adapter({directory}): layer {merged[0]} is merged; unmerge_lora(model) first")
 
     expected = lora_state_dict(model, config.train_biases)
-    tensors = load_file(weights_path)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:

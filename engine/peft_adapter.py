@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_LINEAR, LoRAConfig, inject_lora, lora_layers, parse_targets
+from engine.lora import ADAPTER_CONFIG, ALL_LINEAR, LoRAConfig, inject_lora, lora_layers, parse_targets
 from models.atomic import atomic_directory
 from models.config import HUB_IDS
 from models.errors import ModelError
@@ -91,37 +91,6 @@ def peft_config_dict(config: LoRAConfig, layer_names: list[str], base_model: str
         "task_type": TASK_TYPE, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
         "use_qalora": False, "use_rslora": False, "velora_config": None,
     }
-
-
-def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Tensor]]:
-    """Our own adapter directory (engine/lora.py's save_adapter): its config and tensors, checked for consistency."""
-    directory = Path(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ModelError(f"{path}: not found; an adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
-    try:
-        config = LoRAConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), source=str(config_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
-    except ValueError as exc:
-        raise ModelError(str(exc)) from None
-    tensors = _read_safetensors(weights_path)
-    layers = sorted(k.removesuffix(".lora_a") for k in tensors if k.endswith(".lora_a"))
-    expected = {f"{layer}.{leaf}" for layer in layers for leaf in ("lora_a", "lora_b")}
-    if config.train_biases:
-        expected |= {f"{layer}.bias" for layer in layers if f"{layer}.bias" in tensors}
-    if not layers or set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)
-        raise ModelError(f"{weights_path}: does not hold one lora_a and one lora_b per layer"
-                         f"{' (biases only with train_biases)' if not config.train_biases else ''}; "
-                         f"{'no lora_a tensors' if not layers else 'odd tensors: ' + ', '.join(odd[:5])}")
-    for layer in layers:
-        a, b = tensors[f"{layer}.lora_a"], tensors[f"{layer}.lora_b"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.rank or b.shape[1] != config.rank:
-            raise ModelError(f"{weights_path}: {layer} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}, "
-                             f"which do not fit rank {config.rank} from {config_path}")
-    return config, tensors
 
 
 def save_peft_adapter(directory: str | os.PathLike, config: LoRAConfig, tensors: dict[str, Tensor],
