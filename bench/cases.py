@@ -1,0 +1,382 @@
+"""The benchmark cases. Each builds both sides on the same weights and batches and returns one
+iteration per side as a callable; `measure` alternates them (ours, theirs, ours, theirs, ...).
+
+Ours is the product's own path: `accumulate_gradients` + clip + `engine.optim.AdamW`,
+`evaluate_loss`, `generate`, `LengthGroupedSampler` + `collate`. Theirs is what a Transformers
+user runs: the model's own loss, `peft.get_peft_model`, `torch.optim.AdamW(fused=True)` (the
+Trainer's default optimizer on torch >= 2.8, with its bias/LayerNorm no-decay split),
+`model.generate`, `DataCollatorForSeq2Seq` over a random order (the Trainer's default sampler).
+Dropout is the config's 0.1, in training mode on both sides; LoRA dropout is 0 on both.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from bench import flops, memory, twins
+from bench.shapes import Shapes
+from data.batching import LengthGroupedSampler, collate, padding_fraction, tokenize
+from engine.evaluation import evaluate_loss
+from engine.lora import inject_lora, mark_only_lora_trainable
+from engine.optim import AdamW, param_groups_for_weight_decay
+from engine.trainer import accumulate_gradients
+from models.generate import generate
+
+CPU = torch.device("cpu")
+MAX_GRAD_NORM = 1.0
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+MTS_TRAINING = DATASETS / "mts-dialog" / "MTS-Dialog-TrainingSet.csv"
+# distilbart-cnn-12-6's generation settings; min_length = max_length forces exactly `new_tokens`.
+GENERATION = dict(length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True, forced_bos_token_id=0,
+                  forced_eos_token_id=2)
+
+
+class Skip(Exception):
+    """The case cannot run here (e.g. the dataset is missing); the message says why."""
+
+
+@dataclass
+class Work:
+    samples: int
+    tokens: int  # real (unpadded) source + target tokens, or generated tokens
+    flops: float  # analytic model FLOPs (bench/flops.py)
+
+
+@dataclass
+class Side:
+    run: Callable[[], Work]
+    warm: Callable[[], object] | None = None  # the untimed warm-up; `run` when None
+    memory: Callable[[], object] | None = None  # the memory pass; `run` when None
+    reset: Callable[[], None] | None = None  # drop persistent state (optimizer moments) before it
+
+
+@dataclass
+class Setup:
+    title: str
+    dtype: str  # "bf16" or "fp32": the matmul peak that "% of peak" refers to
+    iters: int
+    sides: dict[str, Side]
+    checks: Callable[[], dict] = dict  # sanity facts gathered after the timings
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the two training steps -------------------------------------------------------------------
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def their_optimizer(model: nn.Module, shapes: Shapes) -> torch.optim.Optimizer:
+    """Trainer's grouping: no decay for biases and LayerNorm weights; fused AdamW (its default)."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (rest if "bias" in name or id(p) in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": shapes.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=shapes.lr, fused=True)
+
+
+class Step:
+    optimizer: torch.optim.Optimizer
+
+    def reset(self) -> None:
+        """Forget the optimizer moments, so the next step allocates them again (memory pass)."""
+        self.optimizer.state.clear()
+
+
+class OurStep(Step):
+    """The product's step: token-normalised backward, clip, engine.optim.AdamW."""
+
+    def __init__(self, model, shapes: Shapes, autocast):
+        self.model, self.autocast, self.params = model, autocast, trainable(model)
+        self.optimizer = AdamW(param_groups_for_weight_decay(model, shapes.weight_decay), lr=shapes.lr,
+                               weight_decay=shapes.weight_decay)
+
+    def __call__(self, batch) -> float:
+        loss = accumulate_gradients(self.model, [batch], CPU, self.autocast, None)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class TheirStep(Step):
+    """What Trainer.training_step + optimizer step do: the model's mean loss, backward, clip, AdamW."""
+
+    def __init__(self, model, shapes: Shapes, autocast):
+        self.model, self.autocast, self.params = model, autocast, trainable(model)
+        self.optimizer = their_optimizer(model, shapes)
+
+    def __call__(self, batch: dict) -> float:
+        with self.autocast or nullcontext():
+            loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def bf16_autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else None
+
+
+def lora_pair(shapes: Shapes):
+    """(ours, theirs, theirs' base model) with rank-r LoRA on q_proj and v_proj, base weights frozen."""
+    base = twins.hf_model(shapes)
+    ours = twins.our_twin(base)
+    inject_lora(ours, "q_proj,v_proj", rank=shapes.lora_rank, alpha=shapes.lora_alpha)
+    mark_only_lora_trainable(ours)
+    theirs = get_peft_model(base, LoraConfig(r=shapes.lora_rank, lora_alpha=shapes.lora_alpha, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="SEQ_2_SEQ_LM"))
+    return ours.train(), theirs.train(), base
+
+
+def hf_inputs(batch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+
+
+# --- cases -------------------------------------------------------------------------------------
+
+
+def training(shapes: Shapes, lora: bool, bf16: bool) -> Setup:
+    if lora:
+        ours, theirs, _ = lora_pair(shapes)
+    else:
+        theirs = twins.hf_model(shapes).train()
+        ours = twins.our_twin(theirs).train()
+    autocast = bf16_autocast(bf16)
+    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config)
+    m = flops.Dims.of(ours.config)
+    per_sample = (flops.train_lora(m, shapes.source_len, shapes.target_len, shapes.lora_rank) if lora
+                  else flops.train_full(m, shapes.source_len, shapes.target_len))
+    work = Work(len(batch), twins.real_tokens(batch), per_sample * len(batch))
+    ours_step, theirs_step = OurStep(ours, shapes, autocast), TheirStep(theirs, shapes, autocast)
+    inputs = hf_inputs(batch)
+
+    def run_ours() -> Work:
+        ours_step(batch)
+        return work
+
+    def run_theirs() -> Work:
+        theirs_step(inputs)
+        return work
+
+    kind = f"LoRA r={shapes.lora_rank} q,v" if lora else "full fine-tune"
+    return Setup(f"training step, {kind}, {'bf16 autocast' if bf16 else 'fp32'}", "bf16" if bf16 else "fp32",
+                 shapes.train_iters, {"ours": Side(run_ours, reset=ours_step.reset),
+                                      "theirs": Side(run_theirs, reset=theirs_step.reset)})
+
+
+def evaluation(shapes: Shapes) -> Setup:
+    theirs = twins.hf_model(shapes).eval()
+    ours = twins.our_twin(theirs).eval()
+    autocast = bf16_autocast(True)
+    split = twins.synthetic_split(shapes)
+    batch = twins.batch_of(split, ours.config)
+    m = flops.Dims.of(ours.config)
+    work = Work(len(batch), twins.real_tokens(batch),
+                flops.evaluate(m, shapes.source_len, shapes.target_len) * len(batch))
+    losses = {}
+    inputs = hf_inputs(batch)
+    config = ours.config
+
+    def run_ours() -> Work:
+        report = evaluate_loss(ours, split, shapes.batch_size, CPU, config.pad_token_id,
+                               config.decoder_start_token_id, autocast)
+        losses["ours"] = report.loss
+        return work
+
+    def run_theirs() -> Work:
+        # what Trainer.prediction_step does: no_grad, autocast, the model's own loss
+        with torch.no_grad(), autocast:
+            losses["theirs"] = float(theirs(**inputs).loss)
+        return work
+
+    def checks() -> dict:
+        return {"loss_ours": losses["ours"], "loss_theirs": losses["theirs"],
+                "loss_rel_diff": abs(losses["ours"] - losses["theirs"]) / abs(losses["theirs"])}
+
+    return Setup("evaluation loss (teacher forced), bf16 autocast", "bf16", shapes.eval_iters,
+                 {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
+
+
+def generation(shapes: Shapes, beams: int) -> Setup:
+    theirs = twins.hf_model(shapes).eval()
+    ours = twins.our_twin(theirs).eval()
+    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config)
+    settings = dict(GENERATION, num_beams=beams, max_length=shapes.new_tokens + 1,
+                    min_length=shapes.new_tokens + 1)
+    m = flops.Dims.of(ours.config)
+    work = Work(len(batch), len(batch) * shapes.new_tokens,
+                flops.generate(m, shapes.source_len, shapes.new_tokens, beams) * len(batch))
+    outputs = {}
+
+    def run_ours() -> Work:
+        outputs["ours"] = generate(ours, batch.input_ids, batch.attention_mask, **settings)
+        return work
+
+    def run_theirs() -> Work:
+        outputs["theirs"] = theirs.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                            do_sample=False, **settings)
+        return work
+
+    def checks() -> dict:
+        a, b = outputs["ours"], outputs["theirs"]
+        return {"same_output": bool(a.shape == b.shape and torch.equal(a, b)), "output_shape": list(a.shape)}
+
+    name = "greedy" if beams == 1 else f"beam-{beams}"
+    return Setup(f"{name} generation, {shapes.new_tokens} new tokens, fp32", "fp32", shapes.generate_iters,
+                 {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
+
+
+def mts_dialog_split(shapes: Shapes):
+    """`real_records` MTS-Dialog training records (a seeded sample) as token ids, plus the tokenizer."""
+    if not MTS_TRAINING.is_file():
+        raise Skip(f"{MTS_TRAINING} not found (the shared datasets folder is missing)")
+    from data.import_mts_dialog import convert
+    from models.tokenizer import train_bart_tokenizer
+
+    records, _, _ = convert([MTS_TRAINING])
+    # The corpus is too small for a 50k-token BPE; ids of a smaller one are valid ids of the model.
+    tokenizer = train_bart_tokenizer([r["dialogue"] for r in records] + [r["summary"] for r in records],
+                                     vocab_size=min(shapes.tokenizer_vocab, shapes.vocab_size))
+    chosen = random.Random(0).sample(records, shapes.real_records)
+    split = tokenize([r["dialogue"] for r in chosen], [r["summary"] for r in chosen], tokenizer,
+                     shapes.real_max_source, shapes.real_max_target)
+    return split, tokenizer
+
+
+def real_epoch(shapes: Shapes) -> Setup:
+    split, tokenizer = mts_dialog_split(shapes)
+    ours, theirs, base = lora_pair(shapes)
+    autocast = bf16_autocast(True)
+    config = ours.config
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
+    collator = transformers.DataCollatorForSeq2Seq(hf_tokenizer, model=base, label_pad_token_id=-100)
+    features = [{"input_ids": s, "attention_mask": [1] * len(s), "labels": t}
+                for s, t in zip(split.sources, split.targets)]
+    sampler = LengthGroupedSampler(split.lengths(), shapes.batch_size, seed=0)
+    bs = shapes.batch_size
+
+    def their_batches(epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(epoch)).tolist()
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+
+    m = flops.Dims.of(config)
+    tokens = sum(len(s) + len(t) for s, t in zip(split.sources, split.targets))
+    work = Work(len(split), tokens, sum(flops.train_lora(m, len(s), len(t), shapes.lora_rank)
+                                        for s, t in zip(split.sources, split.targets)))
+    ours_step, theirs_step = OurStep(ours, shapes, autocast), TheirStep(theirs, shapes, autocast)
+    epochs = {"ours": 0, "theirs": 0}
+
+    def run_ours() -> Work:
+        for indices in sampler.epoch_batches(epochs["ours"]):
+            ours_step(collate(split, indices, config.pad_token_id, config.decoder_start_token_id))
+        epochs["ours"] += 1
+        return work
+
+    def run_theirs() -> Work:
+        for indices in their_batches(epochs["theirs"]):
+            theirs_step(collator([features[i] for i in indices]))
+        epochs["theirs"] += 1
+        return work
+
+    def padded_size(indices: list[int]) -> int:
+        return len(indices) * (max(len(split.sources[i]) for i in indices) + max(len(split.targets[i]) for i in indices))
+
+    first = sampler.epoch_batches(0)[0]
+    ours_largest = max(sampler.epoch_batches(0), key=padded_size)
+    theirs_largest = max(their_batches(0), key=padded_size)
+
+    def step_ours(indices: list[int]) -> Callable[[], None]:
+        return lambda: ours_step(collate(split, indices, config.pad_token_id, config.decoder_start_token_id))
+
+    def step_theirs(indices: list[int]) -> Callable[[], None]:
+        return lambda: theirs_step(collator([features[i] for i in indices]))
+
+    def checks() -> dict:
+        return {"records": len(split), "real_tokens": tokens,
+                "padding_ours": padding_fraction(split, sampler.epoch_batches(0)),
+                "padding_theirs": padding_fraction(split, their_batches(0)),
+                "source_len_max": max(len(s) for s in split.sources),
+                "source_len_median": statistics.median(len(s) for s in split.sources)}
+
+    return Setup(f"real-length epoch: {len(split)} MTS-Dialog records, LoRA bf16, batch {bs}", "bf16",
+                 shapes.real_epochs,
+                 {"ours": Side(run_ours, step_ours(first), step_ours(ours_largest), ours_step.reset),
+                  "theirs": Side(run_theirs, step_theirs(first), step_theirs(theirs_largest), theirs_step.reset)},
+                 checks, notes=["warm-up: one step on one batch per side; an iteration is one whole epoch; "
+                                "memory: one step on the side's largest padded batch of the epoch"])
+
+
+CASES: dict[str, Callable[[Shapes], Setup]] = {
+    "lora_bf16": lambda s: training(s, lora=True, bf16=True),
+    "full_bf16": lambda s: training(s, lora=False, bf16=True),
+    "full_fp32": lambda s: training(s, lora=False, bf16=False),
+    "eval_bf16": evaluation,
+    "beam4": lambda s: generation(s, beams=4),
+    "greedy": lambda s: generation(s, beams=1),
+    "real_epoch": real_epoch,
+}
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def measure(setup: Setup, warmup: int) -> dict:
+    """Warm-ups, then timed iterations with the sides alternated, then one memory pass per side.
+
+    Memory: the side's persistent state is dropped (optimizer moments), freed heap pages are
+    returned to the kernel, the RSS high-water mark is reset, and one iteration runs; its peak
+    RSS minus the RSS just before it is the side's memory (activations, gradients, optimizer
+    state, temporaries; not the shared weights). Every lazy one-time initialisation has
+    happened by then, on both sides.
+    """
+    times = {name: [] for name in setup.sides}
+    work = {}
+    for _ in range(warmup):
+        for side in setup.sides.values():
+            (side.warm or side.run)()
+    for _ in range(setup.iters):
+        for name, side in setup.sides.items():
+            start = time.perf_counter()
+            work[name] = side.run()
+            times[name].append(time.perf_counter() - start)
+
+    track = memory.can_reset_peak()
+    peaks = {}
+    for name, side in setup.sides.items():
+        if side.reset is not None:
+            side.reset()
+        memory.release_free_memory()
+        if track:
+            memory.reset_peak()
+        base = memory.rss_mb()
+        (side.memory or side.run)()
+        peaks[name] = memory.peak_mb() - base if track else None
+
+    out = {}
+    for name in setup.sides:
+        median = statistics.median(times[name])
+        w = work[name]
+        out[name] = {"seconds": times[name], "median_s": median, "samples_per_s": w.samples / median,
+                     "tokens_per_s": w.tokens / median, "flops": w.flops, "flops_per_s": w.flops / median,
+                     "peak_mb": peaks[name]}
+    return out

@@ -1,0 +1,141 @@
+"""Machine description, the results table and the targets, as Markdown."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+# (case, what, threshold, how to read it from a result)
+TARGETS = [
+    ("lora_bf16", "LoRA training step ours/theirs >= 1.3x", 1.3, "ratio"),
+    ("full_bf16", "full fine-tune bf16 ours/theirs >= 1.3x", 1.3, "ratio"),
+    ("eval_bf16", "evaluation loss ours/theirs >= 1.3x", 1.3, "ratio"),
+    ("real_epoch", "real-length epoch ours/theirs >= 1.5x", 1.5, "ratio"),
+    ("beam4", "beam-4 generation ours/theirs >= 2x", 2.0, "ratio"),
+    ("lora_bf16", "LoRA bf16 step at >= 70% of the measured bf16 matmul peak", 0.70, "ours_frac"),
+]
+MEMORY_TARGET = 0.9
+
+
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> str:
+    """'model name' from /proc/cpuinfo, with family/model numbers and the matmul-relevant ISA flags
+    (VMs often report a bare 'AMD EPYC')."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or "unknown"
+    flags = [f for f in MATMUL_FLAGS if f in fields.get("flags", "").split()]
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}; {' '.join(flags) or 'no AVX2'})")
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(threads: int) -> dict:
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "peft": version("peft"),
+            "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def derive(result: dict) -> dict:
+    """Ratios and peak fractions for one case result (in place, returned)."""
+    if "sides" not in result:
+        return result
+    ours, theirs = result["sides"]["ours"], result["sides"]["theirs"]
+    peak = result["matmul_peak_flops"][result["dtype"]]
+    result["ratio"] = ours["samples_per_s"] / theirs["samples_per_s"]
+    result["ours_frac"] = ours["flops_per_s"] / peak
+    result["theirs_frac"] = theirs["flops_per_s"] / peak
+    if ours["peak_mb"] is not None and theirs["peak_mb"]:
+        result["mem_ratio"] = ours["peak_mb"] / theirs["peak_mb"]
+    return result
+
+
+def _f(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| case | ours samples/s | theirs samples/s | ratio | ours tokens/s | theirs tokens/s | "
+            "ours peak MB | theirs peak MB | mem ratio | ours % of peak | theirs % of peak |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if "sides" not in r:
+            rows.append(f"| {r['case']} | {r.get('skipped') or 'failed: ' + r.get('error', '?')} |" + " |" * 9)
+            continue
+        o, t = r["sides"]["ours"], r["sides"]["theirs"]
+        rows.append(
+            f"| {r['case']} | {_f(o['samples_per_s'], 3)} | {_f(t['samples_per_s'], 3)} | **{_f(r['ratio'])}x** | "
+            f"{_f(o['tokens_per_s'], 0)} | {_f(t['tokens_per_s'], 0)} | {_f(o['peak_mb'], 0)} | "
+            f"{_f(t['peak_mb'], 0)} | {_f(r.get('mem_ratio'))} | {_f(100 * r['ours_frac'], 1)}% | "
+            f"{_f(100 * r['theirs_frac'], 1)}% |")
+    return "\n".join(rows)
+
+
+def case_notes(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if "sides" not in r:
+            continue
+        peak = r["matmul_peak_flops"]
+        extra = ", ".join(f"{k} {_fmt(v)}" for k, v in r.get("checks", {}).items())
+        o, t = r["sides"]["ours"], r["sides"]["theirs"]
+        lines.append(
+            f"- `{r['case']}`: {r['title']}. Median of {len(o['seconds'])} (s): ours "
+            f"{', '.join(f'{x:.3f}' for x in o['seconds'])}; theirs {', '.join(f'{x:.3f}' for x in t['seconds'])}. "
+            f"{o['flops'] / 1e9:.1f} GFLOP per iteration; peak fp32 {peak['fp32'] / 1e9:.0f}, "
+            f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; RSS after setup {r['rss_after_setup_mb']:.0f} MB; "
+            f"other processes used {r.get('other_processes_cores', float('nan')):.2f} cores meanwhile"
+            + (f"; {extra}" if extra else "") + ".")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def targets(results: list[dict]) -> str:
+    by_case = {r["case"]: r for r in results if "sides" in r}
+    lines = []
+    for case, what, threshold, key in TARGETS:
+        r = by_case.get(case)
+        if r is None:
+            lines.append(f"- {what}: not measured")
+            continue
+        value = r[key]
+        shown = f"{100 * value:.1f}%" if key == "ours_frac" else f"{value:.2f}x"
+        lines.append(f"- {what}: {shown} — **{'met' if value >= threshold else 'NOT met'}**")
+    mem = {c: r["mem_ratio"] for c, r in by_case.items() if r.get("mem_ratio") is not None}
+    if mem:
+        met = all(v <= MEMORY_TARGET for v in mem.values())
+        lines.append(f"- peak memory ours/theirs <= {MEMORY_TARGET}x in every case: **{'met' if met else 'NOT met'}**; "
+                     "per case: " + ", ".join(f"{c} {v:.2f}x ({'met' if v <= MEMORY_TARGET else 'not met'})"
+                                             for c, v in mem.items()))
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict], info: dict, command: str, mode: str = "full") -> str:
+    judged = ("Targets (quick mode: tiny shapes, so these verdicts mean nothing; the targets are "
+              "judged on the full mode):" if mode == "quick" else "Targets:")
+    return "\n\n".join([
+        f"Command: `{command}`",
+        f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads; "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"peft {info['peft']}; load average at start {info['load_average_start']}, "
+        f"at end {info.get('load_average_end')}; total {info.get('wall_s', 0):.0f} s.",
+        table(results), judged + "\n\n" + targets(results), "Per case:\n\n" + case_notes(results),
+    ])

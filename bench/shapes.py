@@ -1,0 +1,68 @@
+"""The two benchmark sizes: `full` (distilbart-cnn-12-6 shapes, the GUIDE's reference batch) and
+`quick` (tiny shapes, a smoke check that runs in well under a minute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shapes:
+    # model (Transformers BartConfig keywords; dropout 0.1 as in distilbart's config)
+    vocab_size: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    ffn_dim: int
+    max_positions: int
+    # synthetic batches
+    batch_size: int
+    source_len: int
+    target_len: int
+    new_tokens: int  # generated tokens per sample (forced: min = max length)
+    # iterations per side, after `warmup` untimed ones, ours and theirs alternated
+    warmup: int
+    train_iters: int
+    eval_iters: int
+    generate_iters: int
+    # real-length workload (MTS-Dialog)
+    real_records: int
+    real_max_source: int
+    real_max_target: int
+    real_epochs: int
+    tokenizer_vocab: int
+    # machine peak
+    peak_matmul_n: int
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+
+    def hf_config_kwargs(self) -> dict:
+        return dict(
+            vocab_size=self.vocab_size, d_model=self.d_model, encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers, encoder_attention_heads=self.heads,
+            decoder_attention_heads=self.heads, encoder_ffn_dim=self.ffn_dim, decoder_ffn_dim=self.ffn_dim,
+            max_position_embeddings=self.max_positions, dropout=0.1, attention_dropout=0.0,
+            activation_dropout=0.0, activation_function="gelu", scale_embedding=False,
+        )
+
+
+FULL = Shapes(
+    vocab_size=50264, d_model=1024, encoder_layers=12, decoder_layers=6, heads=16, ffn_dim=4096,
+    max_positions=1024, batch_size=4, source_len=256, target_len=64, new_tokens=64,
+    warmup=1, train_iters=3, eval_iters=5, generate_iters=2,
+    real_records=64, real_max_source=1024, real_max_target=256, real_epochs=1, tokenizer_vocab=8000,
+    peak_matmul_n=2048,
+)
+
+QUICK = Shapes(
+    vocab_size=2000, d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=256,
+    max_positions=256, batch_size=4, source_len=32, target_len=16, new_tokens=16,
+    warmup=1, train_iters=5, eval_iters=5, generate_iters=3,
+    real_records=16, real_max_source=128, real_max_target=32, real_epochs=2, tokenizer_vocab=2000,
+    peak_matmul_n=1024,
+)
+
+MODES = {"full": FULL, "quick": QUICK}
