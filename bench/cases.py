@@ -177,9 +177,9 @@ def training(shapes: Shapes, lora: bool, bf16: bool) -> Setup:
         return work
 
     kind = f"LoRA r={shapes.lora_rank} q,v" if lora else "full fine-tune"
+    sides = {"ours": Side(run_ours, reset=ours_step.reset), "theirs": Side(run_theirs, reset=theirs_step.reset)}
     return Setup(f"training step, {kind}, {'bf16 autocast' if bf16 else 'fp32'}", "bf16" if bf16 else "fp32",
-                 shapes.train_iters, {"ours": Side(run_ours, reset=ours_step.reset),
-                                      "theirs": Side(run_theirs, reset=theirs_step.reset)})
+                 shapes.lora_iters if lora else shapes.train_iters, sides)
 
 
 def evaluation(shapes: Shapes) -> Setup:
@@ -299,7 +299,8 @@ def real_epoch(shapes: Shapes) -> Setup:
         return work
 
     def padded_size(indices: list[int]) -> int:
-        return len(indices) * (max(len(split.sources[i]) for i in indices) + max(len(split.targets[i]) for i in indices))
+        longest_source = max(len(split.sources[i]) for i in indices)
+        return len(indices) * (longest_source + max(len(split.targets[i]) for i in indices))
 
     first = sampler.epoch_batches(0)[0]
     ours_largest = max(sampler.epoch_batches(0), key=padded_size)
