@@ -103,7 +103,8 @@ def offline_hint(model_name: str) -> str:
     hub_id = HUB_IDS.get(model_name, model_name)
     return (f"To fine-tune {hub_id}, download it once while online (`hf download {hub_id}`) or pass a local "
             "directory with --model. To try the whole pipeline offline, train the tiny model from scratch: "
-            "python train.py --model tiny --full-finetune --lr 1e-3 --epochs 8")
+            "python train.py --model tiny --full-finetune --lr 1.5e-3 --epochs 3 --batch-size 8 --warmup 100 "
+            "--copy-attention 1.0")
 
 
 def prepare_trainable(model, lora: LoRAConfig | None, freeze_encoder: bool, freeze_embeddings: bool,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from data.batching import LengthGroupedSampler, TokenizedSplit, collate
 from engine.checkpointing import RunDir
+from engine.copy_attention import CopyAttentionLoss
 from engine.distributed import World
 from engine.early_stopping import EarlyStopping
 from engine.evaluation import evaluate_loss
@@ -55,6 +56,7 @@ class TrainConfig:
     min_delta: float = 0.0
     seed: int = 0
     max_bad_steps: int = 5  # NaN/inf losses in a row before giving up
+    copy_attention: float = 0.0  # weight of the guided copy-attention loss (engine/copy_attention.py); 0 = off
     progress: bool = True
 
 
@@ -108,15 +110,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def accumulate_gradients(model, micro_batches: list, device, autocast=None, scaler=None,
-                         world: World = World()) -> float:
+                         world: World = World(), copy_loss: CopyAttentionLoss | None = None) -> float:
     """Backward over the micro-batches of one step; returns the token-mean loss of all of them.
 
     Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step,
     on every rank), so the gradients equal those of one batch holding every example. DDP
     averages gradients over ranks, hence the factor `world.size`; it synchronises only after
-    the last micro-batch.
+    the last micro-batch. With `copy_loss` (called inside its `watching()`), its weighted sum
+    over copied tokens / (copied tokens of the whole step) is added the same way, and its mean
+    is left in `copy_loss.step_mean`.
     """
     num_tokens = world.sum(sum(b.num_target_tokens for b in micro_batches), device)
+    if copy_loss is not None:
+        num_copied = max(world.sum(sum(copy_loss.num_copied(b) for b in micro_batches), device), 1)
+        copy_sum = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         batch = batch.to(device)
@@ -125,8 +132,14 @@ def accumulate_gradients(model, micro_batches: list, device, autocast=None, scal
             out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
                         return_logits=False, loss_reduction="sum")
             loss = out.loss * world.size / num_tokens
+            if copy_loss is not None:
+                copy = copy_loss(batch)
+                loss = loss + copy_loss.weight * copy * world.size / num_copied
+                copy_sum += copy.detach()
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += out.loss.detach()
+    if copy_loss is not None:
+        copy_loss.step_mean = world.sum(float(copy_sum), device) / num_copied
     return world.sum(float(loss_sum), device) / num_tokens
 
 
@@ -207,66 +220,70 @@ def train(
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                disable=not (config.progress and world.is_main),
                dynamic_ncols=True)
+    copy_loss = CopyAttentionLoss(model, train_split, config.copy_attention) if config.copy_attention else None
     last_eval = None
-    while state.step < total_steps and not monitor.should_stop:
-        batches = sampler.epoch_batches(state.epoch)
-        while state.batches_done < len(batches) and state.step < total_steps and not monitor.should_stop:
-            step_start = time.perf_counter()
-            group = batches[state.batches_done:state.batches_done + config.grad_accum]
-            micro_batches = [collate(train_split, indices, pad_id, start_id) for indices in group]
-            lr = set_lr(optimizer, state.step, warmup, total_steps, config.schedule)[0]
+    with copy_loss.watching(model) if copy_loss is not None else nullcontext():
+        while state.step < total_steps and not monitor.should_stop:
+            batches = sampler.epoch_batches(state.epoch)
+            while state.batches_done < len(batches) and state.step < total_steps and not monitor.should_stop:
+                step_start = time.perf_counter()
+                group = batches[state.batches_done:state.batches_done + config.grad_accum]
+                micro_batches = [collate(train_split, indices, pad_id, start_id) for indices in group]
+                lr = set_lr(optimizer, state.step, warmup, total_steps, config.schedule)[0]
 
-            num_tokens = sum(b.num_target_tokens for b in micro_batches)
-            step_loss = accumulate_gradients(step_model, micro_batches, device, autocast, scaler, world)
+                num_tokens = sum(b.num_target_tokens for b in micro_batches)
+                step_loss = accumulate_gradients(step_model, micro_batches, device, autocast, scaler, world,
+                                                 copy_loss)
 
-            grad_norm = None
-            if math.isfinite(step_loss):
-                state.bad_steps = 0
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if config.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
+                grad_norm = None
+                if math.isfinite(step_loss):
+                    state.bad_steps = 0
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if config.max_grad_norm > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    state.loss_sum += step_loss
+                    state.losses_seen += 1
                 else:
-                    optimizer.step()
-                state.loss_sum += step_loss
-                state.losses_seen += 1
-            else:
-                state.bad_steps += 1
-                warnings.warn(f"step {state.step + 1}: loss is {step_loss}; skipping this update "
-                              f"({state.bad_steps} in a row)", stacklevel=1)
-                if state.bad_steps >= config.max_bad_steps:
-                    raise TrainingError(
-                        f"the loss was NaN or infinite for {state.bad_steps} steps in a row (at step {state.step + 1}); "
-                        "try a lower --lr, --amp off, or check the data for empty targets")
-            optimizer.zero_grad(set_to_none=True)
+                    state.bad_steps += 1
+                    warnings.warn(f"step {state.step + 1}: loss is {step_loss}; skipping this update "
+                                  f"({state.bad_steps} in a row)", stacklevel=1)
+                    if state.bad_steps >= config.max_bad_steps:
+                        raise TrainingError(
+                            f"the loss was NaN or infinite for {state.bad_steps} steps in a row (at step {state.step + 1}); "
+                            "try a lower --lr, --amp off, or check the data for empty targets")
+                optimizer.zero_grad(set_to_none=True)
 
-            state.step += 1
-            state.batches_done += len(group)
-            state.samples_seen += int(world.sum(sum(len(b) for b in micro_batches), device))
-            elapsed = time.perf_counter() - step_start
-            state.train_time += elapsed
-            # real (unpadded) source and target tokens processed per second
-            tokens_per_s = (sum(int(b.attention_mask.sum()) for b in micro_batches) + num_tokens) / elapsed
-            log({"step": state.step, "epoch": round(state.epoch + state.batches_done / len(batches), 4),
-                     "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens_per_s})
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                state.step += 1
+                state.batches_done += len(group)
+                state.samples_seen += int(world.sum(sum(len(b) for b in micro_batches), device))
+                elapsed = time.perf_counter() - step_start
+                state.train_time += elapsed
+                # real (unpadded) source and target tokens processed per second
+                tokens_per_s = (sum(int(b.attention_mask.sum()) for b in micro_batches) + num_tokens) / elapsed
+                log({"step": state.step, "epoch": round(state.epoch + state.batches_done / len(batches), 4),
+                         "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens_per_s,
+                         **({"copy_attention_loss": copy_loss.step_mean} if copy_loss is not None else {})})
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
-            epoch_over = state.batches_done >= len(batches)
-            if epoch_over:  # the next save must point at the next epoch's first batch
-                state.epoch += 1
-                state.batches_done = 0
-            if epoch_over or state.step % eval_every == 0:
+                epoch_over = state.batches_done >= len(batches)
+                if epoch_over:  # the next save must point at the next epoch's first batch
+                    state.epoch += 1
+                    state.batches_done = 0
+                if epoch_over or state.step % eval_every == 0:
+                    last_eval = validate()
+                if on_step_end is not None:
+                    on_step_end(state)
+                if epoch_over:
+                    break  # the next epoch has its own batch order
+            if state.step >= total_steps and (last_eval is None or last_eval["step"] != state.step):
                 last_eval = validate()
-            if on_step_end is not None:
-                on_step_end(state)
-            if epoch_over:
-                break  # the next epoch has its own batch order
-        if state.step >= total_steps and (last_eval is None or last_eval["step"] != state.step):
-            last_eval = validate()
     bar.close()
 
     stopped_early = monitor.should_stop and state.step < total_steps

@@ -53,7 +53,7 @@ def common(data_dir, out) -> list[str]:
 def test_train_from_scratch_writes_loadable_last_and_best_checkpoints(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = train.main(["--model", "tiny", "--full-finetune", "--vocab-size", "400", "--max-steps", "3",
-                       "--batch-size", "8", "--lr", "1e-3", *common(data_dir, out)])
+                       "--batch-size", "8", "--lr", "1e-3", "--copy-attention", "1.0", *common(data_dir, out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "train_samples_per_second" in printed and "eval_loss" in printed
@@ -64,9 +64,19 @@ def test_train_from_scratch_writes_loadable_last_and_best_checkpoints(data_dir, 
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")  # the loss curve, drawn after training
     settings = json.loads((out / "run_config.json").read_text())
     assert settings["model"] == "tiny" and settings["lr"] == 1e-3 and settings["lora"] is False
+    assert settings["copy_attention"] == 1.0  # a resumed run keeps the copy loss
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["copy_attention_loss"] > 0 for r in steps if "loss" in r)
     # Evaluating the run needs no flags beyond where it is.
     assert evaluate.main(["--model", str(out), "--data-dir", str(data_dir), "--split", "test", "--no-generate",
                           "--no-progress", "--cache-dir", str(tmp_path / "c")]) == 0
+
+
+def test_negative_copy_attention_weight_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--copy-attention", "-1"])
+    assert exit_info.value.code == 2
+    assert "--copy-attention: must be >= 0" in capsys.readouterr().err
 
 
 def test_lora_run_saves_the_adapter_and_trains_only_it(data_dir, tmp_path, capsys):
