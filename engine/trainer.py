@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data.batching import LengthGroupedSampler, TokenizedSplit, collate
 from engine.checkpointing import RunDir
-from engine.copy_attention import CopyAttentionLoss
+from engine.copy_attention import CopyAttentionLoss, match_keys
 from engine.distributed import World
 from engine.early_stopping import EarlyStopping
 from engine.evaluation import evaluate_loss
@@ -220,7 +220,8 @@ def train(
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                disable=not (config.progress and world.is_main),
                dynamic_ncols=True)
-    copy_loss = CopyAttentionLoss(model, train_split, config.copy_attention) if config.copy_attention else None
+    copy_loss = (CopyAttentionLoss(model, train_split, config.copy_attention, match_keys(tokenizer))
+                 if config.copy_attention else None)
     last_eval = None
     with copy_loss.watching(model) if copy_loss is not None else nullcontext():
         while state.step < total_steps and not monitor.should_stop:

@@ -142,6 +142,10 @@ class BartTokenizer:
 
     # --- decoding -------------------------------------------------------------------------------
 
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        """Byte-level BPE pieces, as Transformers names them ('Ġ' marks a leading space)."""
+        return [self._tok.id_to_token(i) for i in ids]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for ids. -100 (ignored label) and pad ids are dropped, even with skip_special_tokens=False."""
         return self._tok.decode(self._drop_non_text(ids), skip_special_tokens=skip_special_tokens)

@@ -5,7 +5,7 @@ import torch
 
 from data.batching import TokenizedSplit, collate
 from engine.checkpointing import RunDir
-from engine.copy_attention import NOT_COPIED, CopyAttentionLoss, copy_alignment
+from engine.copy_attention import NOT_COPIED, CopyAttentionLoss, copy_alignment, match_keys
 from engine.lora import inject_lora, mark_only_lora_trainable
 from engine.trainer import TrainConfig, accumulate_gradients, train
 from models.bart import BartForConditionalGeneration
@@ -149,3 +149,17 @@ def test_copy_attention_training_teaches_the_head_where_copies_come_from(tmp_pat
         assert held_out > 1.0  # the same training without supervision leaves the head unaligned
     layer = model.model.decoder.layers[-1]  # training removed its hooks: the model is plain again
     assert not layer.self_attn_layer_norm._forward_hooks and not model.model.encoder._forward_hooks
+
+
+def test_words_after_a_space_or_a_bracket_align_with_the_source_spelling():
+    tokenizer = train_bart_tokenizer(["Patient is 61 yo with h/o HLD and DM2. 61 years old (yo) with (HLD)"] * 20,
+                                     vocab_size=400, min_frequency=1)
+    source = tokenizer.encode("Patient is 61 yo with h/o HLD.")
+    target = tokenizer.encode("61 years old (yo) with (HLD).")
+    keys = match_keys(tokenizer)
+    by_ids, by_keys = copy_alignment(source, target), copy_alignment(source, target, keys)
+    tokens = tokenizer.convert_ids_to_tokens(target)
+    for word in ("61", "yo", "HLD"):  # spelled without the leading space in the summary
+        j = tokens.index(word)
+        assert by_ids[j] == NOT_COPIED
+        assert tokenizer.convert_ids_to_tokens([source[by_keys[j]]]) == ["\u0120" + word]
