@@ -3,8 +3,9 @@
 Module and parameter names mirror Transformers' `BartForConditionalGeneration`, so a Hugging Face
 state dict loads with `load_state_dict` as it is (the tied embedding appears under four names,
 as in theirs). Attention runs on `F.scaled_dot_product_attention`; the decoder keeps a key/value
-cache for generation: self-attention keys grow by one step at a time, cross-attention keys are
-computed once from the encoder output.
+cache for generation: self-attention keys are written step by step into preallocated buffers,
+cross-attention keys are computed once from the encoder output, one row per source even when the
+decoder runs several beams per source.
 """
 
 from __future__ import annotations
@@ -45,34 +46,73 @@ def shift_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) 
 
 @dataclass
 class LayerCache:
-    """One decoder layer's keys and values, shaped [batch, heads, length, head_dim]."""
+    """One decoder layer's keys and values, [rows, heads, positions, head_dim]. Self-attention's
+    live in buffers with room for `capacity` positions, of which the first `length` are filled, so a
+    step writes in place instead of concatenating. Cross-attention's are computed once, one row per
+    encoder output (beam search's beams share their source's row)."""
 
+    capacity: int = 0
+    length: int = 0
     self_k: Tensor | None = None
     self_v: Tensor | None = None
     cross_k: Tensor | None = None
     cross_v: Tensor | None = None
+    # `reorder` writes into these and swaps them with self_k/self_v: no new buffer every step.
+    spare_k: Tensor | None = None
+    spare_v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new self-attention keys/values after the filled ones; return all filled ones (views)."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.self_k is None or end > self.self_k.shape[2]:
+            size = max(end, self.capacity, 2 * self.self_k.shape[2] if self.self_k is not None else 0)
+            self.self_k, self.self_v = _grown(self.self_k, k, start, size), _grown(self.self_v, v, start, size)
+        self.self_k[:, :, start:end] = k
+        self.self_v[:, :, start:end] = v
+        self.length = end
+        return self.self_k[:, :, :end], self.self_v[:, :, :end]
+
+    def reorder(self, index: Tensor, include_cross: bool) -> None:
+        if self.self_k is not None:
+            self.self_k, self.spare_k = _select_rows(self.self_k, index, self.length, self.spare_k)
+            self.self_v, self.spare_v = _select_rows(self.self_v, index, self.length, self.spare_v)
+        if include_cross and self.cross_k is not None:
+            self.cross_k, self.cross_v = self.cross_k.index_select(0, index), self.cross_v.index_select(0, index)
+
+
+def _grown(buffer: Tensor | None, new: Tensor, filled: int, size: int) -> Tensor:
+    """A buffer like `new` with room for `size` positions, holding the first `filled` of `buffer`."""
+    grown = new.new_empty(new.shape[0], new.shape[1], size, new.shape[3])
+    if buffer is not None:
+        grown[:, :, :filled] = buffer[:, :, :filled]
+    return grown
+
+
+def _select_rows(buffer: Tensor, index: Tensor, filled: int, spare: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(rows `index` of `buffer`'s filled prefix, written into `spare`; the old buffer, the next spare)."""
+    shape = (index.numel(),) + buffer.shape[1:]
+    if spare is None or spare.shape != shape or spare.dtype != buffer.dtype:
+        spare = buffer.new_empty(shape)
+    torch.index_select(buffer[:, :, :filled], 0, index, out=spare[:, :, :filled])
+    return spare, buffer
 
 
 class KVCache:
-    """Keys/values of every decoder layer; `reorder` follows beams as beam search reorders them."""
+    """Keys/values of every decoder layer; `reorder` follows beams as beam search reorders them.
+    `capacity` is the number of decoder positions to make room for at once (more still fit)."""
 
-    def __init__(self, num_layers: int):
-        self.layers = [LayerCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
-        first = self.layers[0].self_k
-        return 0 if first is None else first.shape[2]
+        return self.layers[0].length
 
     def reorder(self, index: Tensor, include_cross: bool = True) -> None:
-        """Keep rows `index` of every cached tensor. Beam search passes include_cross=False when
-        rows only move among copies of the same source, whose cross-attention keys are equal."""
-        names = ("self_k", "self_v", "cross_k", "cross_v") if include_cross else ("self_k", "self_v")
+        """Keep rows `index` of every cached tensor. Beam search passes include_cross=False: its
+        cross-attention keys/values have one row per source, and beams never change source."""
         for layer in self.layers:
-            for name in names:
-                value = getattr(layer, name)
-                if value is not None:
-                    setattr(layer, name, value.index_select(0, index))
+            layer.reorder(index, include_cross)
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
@@ -175,10 +215,7 @@ class DecoderLayer(FeedForwardLayer):
     ) -> Tensor:
         k, v = self.self_attn.project_kv(x)
         if cache is not None:
-            if cache.self_k is not None:
-                k = torch.cat([cache.self_k, k], dim=2)
-                v = torch.cat([cache.self_v, v], dim=2)
-            cache.self_k, cache.self_v = k, v
+            k, v = cache.append(k, v)
         h = self.self_attn(x, k, v, self_mask, is_causal)
         x = self.self_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
 
@@ -188,11 +225,24 @@ class DecoderLayer(FeedForwardLayer):
             k, v = self.encoder_attn.project_kv(memory)
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
-        h = self.encoder_attn(x, k, v, memory_mask)
+        h = _attend_grouped(self.encoder_attn, x, k, v, memory_mask)
         x = self.encoder_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
 
         x = self.final_layer_norm(x + F.dropout(self.feed_forward(x), self.dropout, self.training))
         return x
+
+
+def _attend_grouped(attention: Attention, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Cross-attention where `x` may hold several consecutive rows per source (beam search's beams):
+    [sources * group, length, dim] against keys/values of the `sources` alone. The group's rows
+    become extra queries of one row, so keys/values are neither projected nor stored per beam."""
+    rows, sources = x.shape[0], k.shape[0]
+    if rows == sources:
+        return attention(x, k, v, mask)
+    if rows % sources:
+        raise ModelError(f"{rows} decoder rows cannot be split evenly over {sources} encoder outputs")
+    # No causal mask in cross-attention, so the group's queries may share one row.
+    return attention(x.reshape(sources, -1, x.shape[-1]), k, v, mask).view(x.shape)
 
 
 def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
@@ -341,8 +391,9 @@ class BartForConditionalGeneration(nn.Module):
                                     decoder_attention_mask, cache)
         return self.lm_logits(hidden)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.model.decoder.layers))
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty key/value cache; `capacity`: decoder positions to allocate for up front."""
+        return KVCache(len(self.model.decoder.layers), capacity)
 
     def forward(
         self,

@@ -13,11 +13,12 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.bart import BartForConditionalGeneration
 from models.config import BartConfig
 from models.errors import ModelError
-from models.generate import NO_TOKEN, GenerationConfig, cast_for_inference, generate
+from models.generate import NO_TOKEN, GenerationConfig, OneDNNLinear, cast_for_inference, generate
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -176,6 +177,57 @@ def test_incremental_decoding_with_cache_matches_full_forward():
     for t in range(second.shape[1]):
         step = model.decode(second[:, t:t + 1], memory, mask, cache=cache)
         torch.testing.assert_close(step[:, -1], full[:, first.shape[1] + t], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cache_with_room_for_every_step_writes_in_place_and_reorders_only_the_filled_prefix():
+    model = tiny_model()
+    ids, mask = padded_batch(64, lengths=(9, 4, 6))
+    tokens = torch.randint(3, 64, (3, 4), generator=torch.Generator().manual_seed(3))
+    memory = model.encode(ids, mask)
+    cache = model.new_cache(capacity=8)
+    model.decode(tokens[:, :1], memory, mask, cache=cache)
+    buffer = cache.layers[0].self_k
+    assert buffer.shape[2] == 8  # room for every step, allocated once
+    for t in range(1, tokens.shape[1]):
+        model.decode(tokens[:, t:t + 1], memory, mask, cache=cache)
+    assert cache.layers[0].self_k.data_ptr() == buffer.data_ptr() and cache.length == 4
+    filled = buffer[:, :, :4].clone()
+    cache.reorder(torch.tensor([1, 1, 0]))
+    assert torch.equal(cache.layers[0].self_k[:, :, :4], filled[[1, 1, 0]])
+    assert cache.layers[0].self_k.shape[2] == 8 and cache.length == 4
+
+
+@torch.no_grad()
+def test_beams_attend_to_one_shared_copy_of_their_sources_encoder_output():
+    # 3 decoder rows per source against the 2 sources' encoder output, as beam search runs the
+    # decoder, give what each row gets with its own copy of the encoder output.
+    model = tiny_model()
+    ids, mask = padded_batch(64, lengths=(9, 5))
+    tokens = torch.randint(3, 64, (6, 5), generator=torch.Generator().manual_seed(5))
+    memory = model.encode(ids, mask)
+    shared_cache, copied_cache = model.new_cache(), model.new_cache()
+    for t in range(tokens.shape[1]):
+        shared = model.decode(tokens[:, t:t + 1], memory, mask, cache=shared_cache)
+        copied = model.decode(tokens[:, t:t + 1], memory.repeat_interleave(3, dim=0),
+                              mask.repeat_interleave(3, dim=0), cache=copied_cache)
+        torch.testing.assert_close(shared, copied, atol=1e-5, rtol=0)
+    assert shared_cache.layers[0].cross_k.shape[0] == 2 and copied_cache.layers[0].cross_k.shape[0] == 6
+    with pytest.raises(ModelError, match="cannot be split evenly"):
+        model.decode(tokens[:5, :1], memory, mask)
+
+
+@pytest.mark.skipif(not OneDNNLinear.available, reason="this torch build has no oneDNN linear op")
+def test_onednn_linear_mode_computes_f_linear_and_passes_other_calls_through():
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 3, 16), (8, 16), (8,)))
+    with OneDNNLinear():
+        fast = F.linear(x, weight, bias)
+        no_bias = F.linear(x, weight)
+        doubles = F.linear(x.double(), weight.double())  # not a dtype it handles: the ordinary op
+    torch.testing.assert_close(fast, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_bias, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert doubles.dtype == torch.float64 and torch.equal(doubles, F.linear(x.double(), weight.double()))
 
 
 @pytest.mark.parametrize("num_beams", [1, 4], ids=["greedy", "beam4"])
