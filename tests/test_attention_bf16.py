@@ -1,0 +1,96 @@
+"""The CPU bf16-autocast attention path (two bf16 matmuls + fp32 softmax) against SDPA."""
+
+import torch
+import torch.nn.functional as F
+
+from models.bart import Attention, BartForConditionalGeneration, _attend_bf16
+from models.config import BartConfig
+
+
+def qkv(queries: int, keys: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 3, n, 8, generator=g) for n in (queries, keys, keys))
+
+
+def test_bf16_attention_matches_sdpa_with_padding_and_causal_masks():
+    q, k, v = qkv(5, 7)
+    padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)[:, None, None, :]
+    bf = [t.bfloat16() for t in (q, k, v)]
+    got = _attend_bf16(*bf, padding, False, 0.0).float()
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=padding), atol=3e-2, rtol=0)
+
+    q, k, v = qkv(6, 6, seed=1)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    got = _attend_bf16(*bf, None, True, 0.0).float()
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=3e-2, rtol=0)
+
+
+def test_bf16_attention_ignores_masked_keys_and_future_positions():
+    q, k, v = (t.bfloat16() for t in qkv(4, 6))
+    padding = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2, dtype=torch.bool)[:, None, None, :]
+    changed = v.clone()
+    changed[..., 4:, :] = 1e3  # only padded keys change
+    assert torch.equal(_attend_bf16(q, k, v, padding, False, 0.0), _attend_bf16(q, k, changed, padding, False, 0.0))
+
+    q, k, v = (t.bfloat16() for t in qkv(6, 6))
+    later = v.clone()
+    later[..., 3:, :] = 1e3  # positions 3.. must not reach queries 0..2
+    a, b = _attend_bf16(q, k, v, None, True, 0.0), _attend_bf16(q, k, later, None, True, 0.0)
+    assert torch.equal(a[..., :3, :], b[..., :3, :])
+    assert not torch.equal(a[..., 3:, :], b[..., 3:, :])
+
+
+def test_attention_uses_bf16_path_only_under_cpu_autocast():
+    torch.manual_seed(0)
+    attention = Attention(16, 2, dropout=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    k, v = attention.project_kv(x)
+    fp32 = attention(x, k, v)
+    reference = F.scaled_dot_product_attention(attention._heads(attention.q_proj(x)), k, v)
+    expected = attention.out_proj(reference.transpose(1, 2).reshape(2, 5, 16))
+    assert torch.equal(fp32, expected)  # no autocast: SDPA exactly, so fp32 parity is untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k16, v16 = attention.project_kv(x)
+        mixed = attention(x, k16, v16)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), fp32, atol=5e-2, rtol=0)
+
+
+def test_bf16_autocast_training_step_gives_gradients_close_to_fp32():
+    config = BartConfig.from_hf_dict(dict(model_type="bart", vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                          decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0))
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).train()
+    ids = torch.randint(3, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.randint(3, 50, (2, 5))
+
+    def grads(autocast: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, mask, labels=labels).loss
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss32, g32 = grads(False)
+    loss16, g16 = grads(True)
+    assert abs(loss16 - loss32) < 2e-2 * abs(loss32)
+    assert len(g16) == len(g32)
+    for a, b in zip(g16, g32):
+        assert torch.linalg.vector_norm(a - b) <= 0.1 * torch.linalg.vector_norm(b) + 1e-6
+
+
+def test_bf16_attention_backward_matches_sdpa_gradients():
+    padding = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)[:, None, None, :]
+    for queries, keys, mask, causal in [(5, 7, padding, False), (6, 6, None, True)]:
+        q, k, v = (t.requires_grad_() for t in qkv(queries, keys, seed=2))
+        grad_out = torch.randn(2, 3, queries, 8, generator=torch.Generator().manual_seed(3))
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).backward(grad_out)
+        expected = [t.grad for t in (q, k, v)]
+        bf = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        _attend_bf16(*bf, mask, causal, 0.0).backward(grad_out.bfloat16())
+        for got, want in zip(bf, expected):
+            assert got.grad.dtype == torch.bfloat16
+            torch.testing.assert_close(got.grad.float(), want, atol=5e-2, rtol=5e-2)
