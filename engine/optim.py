@@ -4,10 +4,17 @@ The update is the same arithmetic, in the same order, as `torch.optim.AdamW` wit
 defaults (foreach path, amsgrad=False, maximize=False), so the two agree to rounding and
 their state dicts are interchangeable: per-parameter `step` (float32 CPU tensor),
 `exp_avg`, `exp_avg_sq`.
+
+On the CPU the update runs over cache-sized slices with one reused scratch buffer (no allocation
+per step). Big fp32 CPU models can instead use one `torch.compile`d pass per parameter
+(`compile=None` does so from COMPILE_MIN_NUMEL trainable elements): ~3x faster than the eager
+ops, equal to them within 1e-6, at a one-off compile of ~15 s. If compiling fails, the optimizer
+warns once and goes on with the eager ops.
 """
 
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,7 +22,8 @@ from torch import nn
 # Parameters under modules with these names are never decayed (BART naming).
 EMBEDDING_NAMES = ("embed_tokens", "embed_positions", "shared")
 LAYER_NORM_NAMES = ("layer_norm", "layernorm")
-CPU_CHUNK_NUMEL = 1 << 16  # elements per CPU chunk: params + grads + two moments stay in L2
+CPU_CHUNK_NUMEL = 1 << 16  # elements per CPU slice: its param, grad, moments and scratch stay in L2
+COMPILE_MIN_NUMEL = 20_000_000  # fp32 CPU elements per step that repay the one-off compile
 
 
 class AdamW(torch.optim.Optimizer):
@@ -28,7 +36,10 @@ class AdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        compile: bool | None = None,
     ):
+        """`compile`: True / False forces the compiled CPU update on / off; None uses it for
+        COMPILE_MIN_NUMEL or more fp32 CPU elements in one group."""
         if lr < 0.0:
             raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -39,6 +50,9 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.compile = compile  # not a group hyper-parameter: state dicts stay torch.optim.AdamW's
+        self._compile_failed = False
+        self._scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -63,30 +77,73 @@ class AdamW(torch.optim.Optimizer):
                 bucket = buckets[(p.device, p.dtype)]
                 for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                     lst.append(t)
-            beta1, beta2 = group["betas"]
-            for (device, _), lists in buckets.items():
-                for chunk in _chunks(lists, device):
-                    _adamw_update(
-                        *chunk, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
+            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            for (device, dtype), lists in buckets.items():
+                if device.type == "cpu" and self._use_compiled(dtype, lists[0]):
+                    self._compiled_update(*lists, **hyper)
+                elif device.type == "cpu":
+                    _adamw_update_cpu(*lists, scratch=self._scratch(dtype), **hyper)
+                else:
+                    _adamw_update(*lists, **hyper)
         return loss
 
+    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """One reused buffer per dtype for the CPU denominator: no allocation per step."""
+        buffers = self._scratch_buffers
+        if dtype not in buffers or buffers[dtype].numel() != CPU_CHUNK_NUMEL:
+            buffers[dtype] = torch.empty(CPU_CHUNK_NUMEL, dtype=dtype)
+        return buffers[dtype]
 
-def _chunks(lists: list[list[torch.Tensor]], device: torch.device) -> Iterator[list[list[torch.Tensor]]]:
-    """On GPU, one chunk: each foreach op is a few kernel launches for all tensors. On CPU,
-    chunks of ~CPU_CHUNK_NUMEL elements, so all the update's passes over a tensor run while it
-    is still in cache (about 2x faster than whole-list foreach on a 40M-parameter model)."""
-    if device.type != "cpu":
-        yield lists
-        return
-    params = lists[0]
-    start, numel = 0, 0
-    for i, p in enumerate(params):
-        numel += p.numel()
-        if numel >= CPU_CHUNK_NUMEL or i == len(params) - 1:
-            yield [lst[start:i + 1] for lst in lists]
-            start, numel = i + 1, 0
+    def _use_compiled(self, dtype: torch.dtype, params: list[torch.Tensor]) -> bool:
+        # fp32 only: for bf16 one fused fp32 pass would round differently from torch's per-op rounding
+        if self.compile is False or dtype != torch.float32 or self._compile_failed:
+            return False
+        return self.compile or sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL
+
+    def _compiled_update(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+                         weight_decay) -> None:
+        for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+            if not all(x.is_contiguous() for x in (p, g, m, v)):
+                _adamw_update_cpu([p], [g], [m], [v], [step], scratch=self._scratch(p.dtype), lr=lr, beta1=beta1,
+                                  beta2=beta2, eps=eps, weight_decay=weight_decay)
+                continue
+            t = step.item() + 1.0
+            hyper = torch.tensor([1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
+                                  (1.0 - beta2 ** t) ** 0.5, eps, -lr / (1.0 - beta1 ** t)])
+            try:
+                _compiled_adamw()(p.view(-1), g.view(-1), m.view(-1), v.view(-1), hyper)
+            except Exception as exc:  # no C++ compiler, unsupported platform, ...: the eager ops still work
+                warnings.warn(f"AdamW: torch.compile of the CPU update failed ({type(exc).__name__}: {exc}); "
+                              "using the eager update", stacklevel=3)
+                self._compile_failed = True
+                _adamw_update_cpu(params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:], steps[i:],
+                                  scratch=self._scratch(p.dtype), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay)
+                return
+            step += 1
+
+
+def _fused_adamw_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: torch.Tensor) -> None:
+    """The update of `_adamw_update` in one expression per tensor, for torch.compile to fuse into a
+    single loop. `hyper` = [decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, step size],
+    a tensor so a new learning rate does not recompile."""
+    decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size = hyper.unbind()
+    m_new = torch.lerp(m, g, one_minus_beta1)
+    v_new = v * beta2 + one_minus_beta2 * g * g
+    denom = v_new.sqrt() / bias_correction2_sqrt + eps
+    p.copy_(p * decay + step_size * (m_new / denom))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+_COMPILED: list = []
+
+
+def _compiled_adamw():
+    if not _COMPILED:  # one compiled function per process: dynamic=True covers every parameter size
+        _COMPILED.append(torch.compile(_fused_adamw_pass, dynamic=True, fullgraph=True))
+    return _COMPILED[0]
 
 
 def _adamw_update(
@@ -102,6 +159,7 @@ def _adamw_update(
     eps: float,
     weight_decay: float,
 ) -> None:
+    """GPU: each foreach op is a few kernel launches for all tensors."""
     # a 0-d tensor increment avoids re-wrapping the scalar 1 for every CPU step tensor
     torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     if weight_decay != 0.0:
@@ -115,9 +173,53 @@ def _adamw_update(
     step_sizes = [-lr / bc for bc in bias_correction1]
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_div_(denom, [bias_correction2_sqrt])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _adamw_update_cpu(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    scratch: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """CPU: the same ops in the same order as `_adamw_update` (CPU foreach ops are per-tensor
+    loops, so the results are bit-identical), but over flat slices of CPU_CHUNK_NUMEL elements,
+    so all eight passes over a slice run while it is still in cache, and the denominator goes
+    into `scratch` instead of a fresh tensor per parameter."""
+    decay = 1.0 - lr * weight_decay
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        t = step.item()
+        step_size = -lr / (1.0 - beta1 ** t)
+        bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5
+        if not all(x.is_contiguous() for x in (p, g, m, v)):  # rare: one whole-tensor pass, no slicing
+            slices = [(p, g, m, v)]
+        else:
+            flat = [x.view(-1) for x in (p, g, m, v)]
+            slices = (tuple(x[i:i + CPU_CHUNK_NUMEL] for x in flat) for i in range(0, p.numel(), CPU_CHUNK_NUMEL))
+        for ps, gs, ms, vs in slices:
+            # one-tensor foreach ops, not Tensor.mul_ etc.: for bf16 they round the scalar to bf16
+            # first, and matching that keeps us bit-identical to torch.optim.AdamW
+            ps_, gs_, ms_, vs_ = [ps], [gs], [ms], [vs]
+            if weight_decay != 0.0:
+                torch._foreach_mul_(ps_, decay)  # decoupled: shrink the weights, not the grads
+            torch._foreach_lerp_(ms_, gs_, 1.0 - beta1)
+            torch._foreach_mul_(vs_, beta2)
+            torch._foreach_addcmul_(vs_, gs_, gs_, 1.0 - beta2)
+            denom = [torch.sqrt(vs, out=scratch[:vs.numel()]) if vs.dim() == 1 else vs.sqrt()]
+            torch._foreach_div_(denom, [bias_correction2_sqrt])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps_, ms_, denom, [step_size])
 
 
 def is_decayed(name: str, param: torch.Tensor, owner: nn.Module) -> bool:

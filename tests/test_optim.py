@@ -1,6 +1,7 @@
 import copy
 import io
 import math
+import shutil
 
 import pytest
 import torch
@@ -273,3 +274,47 @@ def test_set_lr_uses_each_group_base_rate_and_survives_resume():
     expected = [base * 0.5 * (1 + math.cos(math.pi * 0.5)) for base in (1e-3, 1e-4)]
     assert rates == pytest.approx(expected)
     assert [g["lr"] for g in resumed.param_groups] == rates
+
+
+def test_compiled_cpu_update_matches_torch_adamw_for_100_steps():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++ / g++), none found")
+    ours_params, torch_params = make_params(), make_params()
+    ours = AdamW(make_groups(ours_params), compile=True)
+    reference = torch.optim.AdamW(make_groups(torch_params), foreach=True)
+    run_steps(ours, ours_params, range(100))
+    assert not ours._compile_failed  # a fallback to the eager update would prove nothing
+    run_steps(reference, torch_params, range(100))
+    for a, b in zip(ours_params, torch_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(ours_params, torch_params):
+        assert ours.state[a]["step"].item() == reference.state[b]["step"].item()
+
+
+def test_failed_compile_warns_and_falls_back_to_the_exact_eager_update(monkeypatch):
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setattr(optim, "_compiled_adamw", broken)
+    ours_params, torch_params = make_params(), make_params()
+    ours = AdamW(make_groups(ours_params), compile=True)
+    reference = torch.optim.AdamW(make_groups(torch_params), foreach=True)
+    with pytest.warns(UserWarning, match="no compiler"):
+        run_steps(ours, ours_params, range(1))
+    run_steps(ours, ours_params, range(1, 10))
+    run_steps(reference, torch_params, range(10))
+    for a, b in zip(ours_params, torch_params):
+        assert torch.equal(a, b)
+
+
+def test_compiled_update_is_chosen_for_big_fp32_groups_only(monkeypatch):
+    monkeypatch.setattr(optim, "COMPILE_MIN_NUMEL", 40)
+    params = make_params()  # 30 + 5 + 24 + 7 + 9 elements
+    auto = AdamW(make_groups(params))
+    assert auto._use_compiled(torch.float32, params[0:2]) is False  # 35 elements
+    assert auto._use_compiled(torch.float32, params[2:5]) is True  # 40 elements
+    assert auto._use_compiled(torch.bfloat16, params) is False
+    assert AdamW(make_groups(params), compile=False)._use_compiled(torch.float32, params) is False
+    assert AdamW(make_groups(params), compile=True)._use_compiled(torch.float32, params[1:2]) is True
