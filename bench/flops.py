@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.generate import OneDNNLinear
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -86,14 +88,20 @@ def generate(m: Dims, s: int, new_tokens: int, beams: int) -> float:
 
 
 def matmul_peak(n: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul in `dtype` on the current threads."""
+    """Best FLOP/s of an n x n x n matmul in `dtype` on the current threads, by either CPU
+    library: `torch.mm` (MKL for float32) or oneDNN's linear, which generation uses and which is
+    the faster of the two for float32 on some CPUs (AMD EPYC here)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    torch.mm(a, b)  # first call pays for kernel selection / packing setup
+    kernels = [lambda: torch.mm(a, b)]
+    if OneDNNLinear.available and dtype in OneDNNLinear.dtypes:
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        kernel()  # first call pays for kernel selection / packing setup
+        for _ in range(reps):
+            start = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
