@@ -222,6 +222,8 @@ def train(
                dynamic_ncols=True)
     copy_loss = (CopyAttentionLoss(model, train_split, config.copy_attention, match_keys(tokenizer))
                  if config.copy_attention else None)
+    if copy_loss is not None and world.is_main:
+        bar.write(f"copy attention: {100 * copy_loss.copied_fraction:.1f}% of target tokens copy a source token")
     last_eval = None
     with copy_loss.watching(model) if copy_loss is not None else nullcontext():
         while state.step < total_steps and not monitor.should_stop:

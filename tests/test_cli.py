@@ -57,6 +57,7 @@ def test_train_from_scratch_writes_loadable_last_and_best_checkpoints(data_dir, 
     assert code == 0
     printed = capsys.readouterr().out
     assert "train_samples_per_second" in printed and "eval_loss" in printed
+    assert "% of target tokens copy a source token" in printed
     for checkpoint in ("last", "best"):
         names = {p.name for p in (out / checkpoint).iterdir()}
         assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
