@@ -12,9 +12,12 @@ ops, equal to them within 1e-6, at a one-off compile of ~15 s. If compiling fail
 warns once and goes on with the eager ops.
 """
 
+from __future__ import annotations
+
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +27,32 @@ EMBEDDING_NAMES = ("embed_tokens", "embed_positions", "shared")
 LAYER_NORM_NAMES = ("layer_norm", "layernorm")
 CPU_CHUNK_NUMEL = 1 << 16  # elements per CPU slice: its param, grad, moments and scratch stay in L2
 COMPILE_MIN_NUMEL = 20_000_000  # fp32 CPU elements per step that repay the one-off compile
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One param group's hyper-parameters, and the per-step factors every update path shares
+    (computed by the same float expressions everywhere, so the paths agree bit for bit)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, group: dict) -> Hyper:
+        return cls(group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"])
+
+    @property
+    def decay(self) -> float:
+        return 1.0 - self.lr * self.weight_decay  # decoupled: shrink the weights, not the grads
+
+    def step_size(self, step: float) -> float:
+        return -self.lr / (1.0 - self.beta1 ** step)
+
+    def bias_correction2_sqrt(self, step: float) -> float:
+        return (1.0 - self.beta2 ** step) ** 0.5
 
 
 class AdamW(torch.optim.Optimizer):
@@ -77,15 +106,14 @@ class AdamW(torch.optim.Optimizer):
                 bucket = buckets[(p.device, p.dtype)]
                 for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                     lst.append(t)
-            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                         weight_decay=group["weight_decay"])
+            hyper = Hyper.of(group)
             for (device, dtype), lists in buckets.items():
                 if device.type == "cpu" and self._use_compiled(dtype, lists[0]):
-                    self._compiled_update(*lists, **hyper)
+                    self._compiled_update(*lists, hyper)
                 elif device.type == "cpu":
-                    _adamw_update_cpu(*lists, scratch=self._scratch(dtype), **hyper)
+                    _adamw_update_cpu(*lists, hyper, self._scratch(dtype))
                 else:
-                    _adamw_update(*lists, **hyper)
+                    _adamw_update(*lists, hyper)
         return loss
 
     def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
@@ -101,25 +129,22 @@ class AdamW(torch.optim.Optimizer):
             return False
         return self.compile or sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL
 
-    def _compiled_update(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                         weight_decay) -> None:
+    def _compiled_update(self, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> None:
         for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
             if not all(x.is_contiguous() for x in (p, g, m, v)):
-                _adamw_update_cpu([p], [g], [m], [v], [step], scratch=self._scratch(p.dtype), lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=eps, weight_decay=weight_decay)
+                _adamw_update_cpu([p], [g], [m], [v], [step], hyper, self._scratch(p.dtype))
                 continue
             t = step.item() + 1.0
-            hyper = torch.tensor([1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
-                                  (1.0 - beta2 ** t) ** 0.5, eps, -lr / (1.0 - beta1 ** t)])
+            factors = torch.tensor([hyper.decay, 1.0 - hyper.beta1, hyper.beta2, 1.0 - hyper.beta2,
+                                    hyper.bias_correction2_sqrt(t), hyper.eps, hyper.step_size(t)])
             try:
-                _compiled_adamw()(p.view(-1), g.view(-1), m.view(-1), v.view(-1), hyper)
+                _compiled_adamw()(p.view(-1), g.view(-1), m.view(-1), v.view(-1), factors)
             except Exception as exc:  # no C++ compiler, unsupported platform, ...: the eager ops still work
                 warnings.warn(f"AdamW: torch.compile of the CPU update failed ({type(exc).__name__}: {exc}); "
                               "using the eager update", stacklevel=3)
                 self._compile_failed = True
-                _adamw_update_cpu(params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:], steps[i:],
-                                  scratch=self._scratch(p.dtype), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                  weight_decay=weight_decay)
+                _adamw_update_cpu(params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:], steps[i:], hyper,
+                                  self._scratch(p.dtype))
                 return
             step += 1
 
@@ -146,62 +171,34 @@ def _compiled_adamw():
     return _COMPILED[0]
 
 
-def _adamw_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
+def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper) -> None:
     """GPU: each foreach op is a few kernel launches for all tensors."""
     # a 0-d tensor increment avoids re-wrapping the scalar 1 for every CPU step tensor
     torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # decoupled: shrink the weights, not the grads
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-
-    bias_correction1 = [1.0 - beta1 ** s.item() for s in steps]
-    bias_correction2_sqrt = [(1.0 - beta2 ** s.item()) ** 0.5 for s in steps]
-    step_sizes = [-lr / bc for bc in bias_correction1]
+    if hyper.weight_decay != 0.0:
+        torch._foreach_mul_(params, hyper.decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - hyper.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - hyper.beta2)
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [bias_correction2_sqrt])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+    torch._foreach_div_(denom, [hyper.bias_correction2_sqrt(s.item()) for s in steps])
+    torch._foreach_add_(denom, hyper.eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [hyper.step_size(s.item()) for s in steps])
 
 
-def _adamw_update_cpu(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    scratch: torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
+def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper,
+                      scratch: torch.Tensor) -> None:
     """CPU: the same ops in the same order as `_adamw_update` (CPU foreach ops are per-tensor
     loops, so the results are bit-identical), but over flat slices of CPU_CHUNK_NUMEL elements,
     so all eight passes over a slice run while it is still in cache, and the denominator goes
     into `scratch` instead of a fresh tensor per parameter."""
-    decay = 1.0 - lr * weight_decay
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step += 1
         t = step.item()
-        step_size = -lr / (1.0 - beta1 ** t)
-        bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5
+        step_size, bias_correction2_sqrt = hyper.step_size(t), hyper.bias_correction2_sqrt(t)
         if not all(x.is_contiguous() for x in (p, g, m, v)):  # rare: one whole-tensor pass, no slicing
             slices = [(p, g, m, v)]
         else:
@@ -211,14 +208,14 @@ def _adamw_update_cpu(
             # one-tensor foreach ops, not Tensor.mul_ etc.: for bf16 they round the scalar to bf16
             # first, and matching that keeps us bit-identical to torch.optim.AdamW
             ps_, gs_, ms_, vs_ = [ps], [gs], [ms], [vs]
-            if weight_decay != 0.0:
-                torch._foreach_mul_(ps_, decay)  # decoupled: shrink the weights, not the grads
-            torch._foreach_lerp_(ms_, gs_, 1.0 - beta1)
-            torch._foreach_mul_(vs_, beta2)
-            torch._foreach_addcmul_(vs_, gs_, gs_, 1.0 - beta2)
+            if hyper.weight_decay != 0.0:
+                torch._foreach_mul_(ps_, hyper.decay)
+            torch._foreach_lerp_(ms_, gs_, 1.0 - hyper.beta1)
+            torch._foreach_mul_(vs_, hyper.beta2)
+            torch._foreach_addcmul_(vs_, gs_, gs_, 1.0 - hyper.beta2)
             denom = [torch.sqrt(vs, out=scratch[:vs.numel()]) if vs.dim() == 1 else vs.sqrt()]
             torch._foreach_div_(denom, [bias_correction2_sqrt])
-            torch._foreach_add_(denom, eps)
+            torch._foreach_add_(denom, hyper.eps)
             torch._foreach_addcdiv_(ps_, ms_, denom, [step_size])
 
 

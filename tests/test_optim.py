@@ -63,6 +63,19 @@ def test_adamw_matches_torch_adamw_for_100_steps(monkeypatch, cpu_chunk_numel):
     assert not torch.equal(ours_params[0], make_params()[0])  # it did move
 
 
+def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypatch):
+    # The GPU path (whole-list foreach ops) never runs on a CPU machine otherwise: route CPU
+    # tensors through it so it is checked here too.
+    monkeypatch.setattr(optim, "_adamw_update_cpu", lambda *lists_hyper, **_: optim._adamw_update(*lists_hyper[:6]))
+    ours_params, torch_params = make_params(), make_params()
+    ours = AdamW(make_groups(ours_params), compile=False)
+    reference = torch.optim.AdamW(make_groups(torch_params), foreach=True)
+    run_steps(ours, ours_params, range(100))
+    run_steps(reference, torch_params, range(100))
+    for a, b in zip(ours_params, torch_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_adamw_matches_torch_adamw_in_bfloat16():
     ours_params = [p.detach().bfloat16().requires_grad_() for p in make_params()]
     torch_params = [p.detach().clone().requires_grad_() for p in ours_params]
