@@ -5,15 +5,16 @@ scratch has to discover copying by itself: the decoder must find its place in th
 content, because every expanded abbreviation shifts the target against the source. The tiny
 demo model does not find that within minutes (its validation loss stalls near 0.6 and it
 invents ages and drugs). Supervising one head with the copy alignment gives the attention a
-direct gradient towards the right source token, and the same demo then reaches about 0.2.
+direct gradient towards the right source token, and the same demo then reaches about 0.13.
 
 This is guided alignment (Garg et al., 2019, "Jointly Learning to Align and Translate with
 Transformer Models"), with the alignment read off the tokens: target token j copies source
 token i when both lie in the same block of a longest-matching-blocks diff. Tokens are compared
 without their leading-space marker, because byte-level BPE spells a word differently after a
 space: the summary's first word ("61" vs the note's " 61") and every "(HLD)" after a "("
-would otherwise count as new words, and the demo model then guessed ages instead of copying. Only training adds the
-loss; the model, its weights' names and inference are unchanged, so exports stay plain BART.
+would otherwise count as new words, and the demo model then guessed ages instead of copying.
+Only training adds the loss; the model, its weights' names and inference are unchanged, so
+exports stay plain BART.
 """
 
 from __future__ import annotations
@@ -60,8 +61,7 @@ class CopyAttentionLoss:
 
     `watching(model)` hooks the model to see what each forward pass feeds that head; calling
     the loss with that pass's batch recomputes the head's attention probabilities (one head of
-    one layer: cheap) and returns their summed negative log at the aligned
-    positions. The caller divides by the copied tokens of the whole step, as it does for the
+    one layer: cheap) and returns their summed negative log at the aligned positions. The caller divides by the copied tokens of the whole step, as it does for the
     token loss, so gradient accumulation stays exact.
     """
 
@@ -71,12 +71,12 @@ class CopyAttentionLoss:
         self.weight = weight
         self.attention = model.model.decoder.layers[-1].encoder_attn
         self.alignments = [copy_alignment(s, t, keys) for s, t in zip(split.sources, split.targets, strict=True)]
+        self.copied_counts = [sum(i != NOT_COPIED for i in row) for row in self.alignments]
         self._seen: dict[str, Tensor] = {}
 
     @property
     def copied_fraction(self) -> float:
-        copied = sum(i != NOT_COPIED for row in self.alignments for i in row)
-        return copied / max(sum(len(row) for row in self.alignments), 1)
+        return sum(self.copied_counts) / max(sum(len(row) for row in self.alignments), 1)
 
     def batch_alignment(self, batch: Batch) -> Tensor:
         """[batch, target length] source positions, NOT_COPIED where a token is new or padding."""
@@ -87,7 +87,7 @@ class CopyAttentionLoss:
         return rows.to(batch.labels.device)
 
     def num_copied(self, batch: Batch) -> int:
-        return sum(sum(i != NOT_COPIED for i in self.alignments[index]) for index in batch.indices)
+        return sum(self.copied_counts[index] for index in batch.indices)
 
     @contextmanager
     def watching(self, model) -> Iterator[CopyAttentionLoss]:
