@@ -2,7 +2,8 @@
 
 Module and parameter names mirror Transformers' `BartForConditionalGeneration`, so a Hugging Face
 state dict loads with `load_state_dict` as it is (the tied embedding appears under four names,
-as in theirs). Attention runs on `F.scaled_dot_product_attention`; the decoder keeps a key/value
+as in theirs). Attention runs on `F.scaled_dot_product_attention`, except under CPU bf16 autocast
+(models/attention_bf16.py); the decoder keeps a key/value
 cache for generation: self-attention keys are written step by step into preallocated buffers,
 cross-attention keys are computed once from the encoder output, one row per source even when the
 decoder runs several beams per source.
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention_bf16 import attend_bf16
 from models.config import BartConfig
 from models.errors import ModelError
 
@@ -150,63 +152,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Attend from `x` to precomputed heads `k`, `v`. `mask` is boolean, True where attention is allowed."""
         q = self._heads(self.q_proj(x))
-        dropout = self.dropout if self.training else 0.0
-        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-                and q.shape[-2] * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES):
-            out = _attend_bf16(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal, dropout)
+        p_drop = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+            out = attend_bf16(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal, p_drop)
         else:
             # SDPA's default scale is head_dim ** -0.5, BART's query scaling.
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                                 is_causal=is_causal, dropout_p=dropout)
+                                                 is_causal=is_causal, dropout_p=p_drop)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-# Queries x keys up to which explicit bf16 attention beats SDPA's CPU flash kernel (forward +
-# backward, [4, 16, q, k] heads, 2 threads): 3.5x at 64x64, 1.3-2x at 64x256 and 128x256, but
-# 0.7x at 192x192 and 256x256 and 0.3x at 1024x1024, where the fp32 scores leave the cache.
-EXPLICIT_ATTENTION_MAX_SCORES = 128 * 256
-
-
-def _attend_bf16(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
-    """Attention under CPU bf16 autocast for short sequences: two bf16 matmuls around an fp32
-    softmax. Same masking rules as SDPA."""
-    if is_causal:  # SDPA's is_causal: query i sees keys 0..i
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if dropout > 0.0:  # rare in BART (attention_dropout 0): plain autograd, which keeps the probabilities
-        return torch.matmul(F.dropout(_attention_probs(q, k, mask).to(q.dtype), dropout), v)
-    return _BF16Attention.apply(q, k, v, mask)
-
-
-def _attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-    """fp32 softmax(q k^T / sqrt(head_dim)) of bf16 q, k; masked keys get probability 0."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32)
-
-
-class _BF16Attention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d)) v. Like a flash kernel it saves only q, k, v (and the mask) and
-    recomputes the probabilities in backward: no more memory than SDPA, for one extra q k^T."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        ctx.save_for_backward(q, k, v, mask)
-        return torch.matmul(_attention_probs(q, k, mask).to(q.dtype), v)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, mask = ctx.saved_tensors
-        probs = _attention_probs(q, k, mask)
-        grad_v = torch.matmul(probs.to(q.dtype).transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
-        # softmax backward in fp32, dS = P * (dP - rowsum(dP * P)), as one kernel (3x faster than the ops)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32).to(q.dtype)
-        scale = q.shape[-1] ** -0.5
-        grad_q = torch.matmul(grad_scores, k) * scale
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q * scale)
-        return grad_q, grad_k, grad_v, None
 
 
 class FeedForwardLayer(nn.Module):

@@ -3,7 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from models.bart import Attention, BartForConditionalGeneration, _attend_bf16
+from models import attention_bf16
+from models.attention_bf16 import attend_bf16 as _attend_bf16, head_chunks
+from models.bart import Attention, BartForConditionalGeneration
 from models.config import BartConfig
 
 
@@ -94,3 +96,38 @@ def test_bf16_attention_backward_matches_sdpa_gradients():
         for got, want in zip(bf, expected):
             assert got.grad.dtype == torch.bfloat16
             torch.testing.assert_close(got.grad.float(), want, atol=5e-2, rtol=5e-2)
+
+
+def test_head_chunks_cover_every_head_once_within_the_score_budget():
+    for batch, heads, scores in [(4, 16, 64 * 64), (4, 16, 256 * 256), (3, 16, 1024 * 1024), (1, 3, 7)]:
+        covered = torch.zeros(batch, heads, dtype=torch.int64)
+        for rows, cols in head_chunks(batch, heads, scores):
+            covered[rows, cols] += 1
+            chunk_scores = covered[rows, cols].numel() * scores
+            assert chunk_scores <= max(attention_bf16.CHUNK_SCORES, attention_bf16.MIN_CHUNK_HEADS * scores)
+        assert torch.equal(covered, torch.ones_like(covered))
+
+
+def test_chunked_attention_equals_all_heads_at_once(monkeypatch):
+    """Forward and backward give the same values whether the heads go one chunk or many."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g).bfloat16() for n in (6, 9, 9))
+    grad_out = torch.randn(3, 4, 6, 8, generator=g).bfloat16()
+    padding = torch.ones(3, 9, dtype=torch.bool)
+    padding[1, 5:] = False
+    padding = padding[:, None, None, :]
+
+    def run(mask, causal):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _attend_bf16(*leaves, mask, causal, 0.0)
+        out.backward(grad_out)
+        return [out] + [t.grad for t in leaves]
+
+    for mask, causal in [(padding, False), (None, False)]:
+        whole = run(mask, causal)
+        monkeypatch.setattr(attention_bf16, "CHUNK_SCORES", 6 * 9)  # one head per chunk
+        monkeypatch.setattr(attention_bf16, "MIN_CHUNK_HEADS", 1)
+        assert len(head_chunks(3, 4, 6 * 9)) == 12
+        for a, b in zip(whole, run(mask, causal)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        monkeypatch.undo()
