@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from models.attention_bf16 import attend_bf16
 from models.config import BartConfig
+from models.cross_entropy import cross_entropy
 from models.errors import ModelError
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
@@ -434,7 +435,7 @@ class BartForConditionalGeneration(nn.Module):
         else:
             logits = None
             target_logits, target_labels = self.lm_logits(hidden[target]), labels[target]
-        loss = F.cross_entropy(target_logits.float(), target_labels, reduction=loss_reduction)
+        loss = cross_entropy(target_logits, target_labels, loss_reduction)
         return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden=encoder_hidden,
                              num_target_tokens=int(target_labels.numel()))
 
