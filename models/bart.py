@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from models.attention_bf16 import attend_bf16
 from models.config import BartConfig
 from models.cross_entropy import cross_entropy
+from models.dropout import dropout
 from models.errors import ModelError
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
@@ -180,7 +181,7 @@ class FeedForwardLayer(nn.Module):
         self.fc2 = nn.Linear(hidden, config.d_model)
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
+        h = dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
         return self.fc2(h)
 
 
@@ -194,8 +195,8 @@ class EncoderLayer(FeedForwardLayer):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         k, v = self.self_attn.project_kv(x)
-        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
-        x = self.final_layer_norm(x + F.dropout(self.feed_forward(x), self.dropout, self.training))
+        x = self.self_attn_layer_norm(x + dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        x = self.final_layer_norm(x + dropout(self.feed_forward(x), self.dropout, self.training))
         return x
 
 
@@ -222,7 +223,7 @@ class DecoderLayer(FeedForwardLayer):
         if cache is not None:
             k, v = cache.append(k, v)
         h = self.self_attn(x, k, v, self_mask, is_causal)
-        x = self.self_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
+        x = self.self_attn_layer_norm(x + dropout(h, self.dropout, self.training))
 
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v  # the encoder output does not change while decoding
@@ -231,9 +232,9 @@ class DecoderLayer(FeedForwardLayer):
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
         h = _attend_grouped(self.encoder_attn, x, k, v, memory_mask)
-        x = self.encoder_attn_layer_norm(x + F.dropout(h, self.dropout, self.training))
+        x = self.encoder_attn_layer_norm(x + dropout(h, self.dropout, self.training))
 
-        x = self.final_layer_norm(x + F.dropout(self.feed_forward(x), self.dropout, self.training))
+        x = self.final_layer_norm(x + dropout(self.feed_forward(x), self.dropout, self.training))
         return x
 
 
@@ -272,7 +273,7 @@ class LayerStack(nn.Module):
 
     def embed(self, input_ids: Tensor, past: int = 0) -> Tensor:
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1], past)
-        return F.dropout(self.layernorm_embedding(x), self.dropout, self.training)
+        return dropout(self.layernorm_embedding(x), self.dropout, self.training)
 
 
 class Encoder(LayerStack):
