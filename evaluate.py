@@ -19,6 +19,7 @@ import torch
 
 from data.errors import DataError
 from data.records import add_format_args, find_leakage, format_from_args, load_records
+from engine.allocator import keep_freed_memory
 from engine.evaluation import evaluate_loss
 from engine.inference import DTYPES, load_for_inference, summarize_ids
 from engine.metrics import expansion_accuracy, rouge
@@ -138,6 +139,7 @@ def print_table(metrics: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
     try:
         evaluate(args)
     except (DataError, ModelError, TokenizerError) as exc:

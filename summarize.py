@@ -16,6 +16,7 @@ import sys
 
 from data.errors import DataError, where
 from data.records import RecordError, add_format_args, format_from_args, json_type
+from engine.allocator import keep_freed_memory
 from engine.inference import DTYPES, load_for_inference, summarize_ids
 from engine.setup import pick_device
 from models.atomic import atomic_write_text
@@ -59,6 +60,7 @@ def read_records(name: str, text: str) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
     try:
         name = "<stdin>" if args.input == "-" else args.input
         try:

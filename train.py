@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data.errors import DataError
 from data.records import add_format_args, find_leakage, format_from_args
+from engine.allocator import keep_freed_memory
 from engine.checkpointing import RunDir, RunDirError
 from engine.distributed import World, from_env
 from engine.lora import LoRAConfig
@@ -188,6 +189,7 @@ def print_summary(summary: dict, run: RunDir) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
     try:
         world, args.device = from_env(args.device)
         if len(args.lr) * len(args.batch_size) * len(args.weight_decay) > 1:
