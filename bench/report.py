@@ -135,7 +135,7 @@ def markdown(results: list[dict], info: dict, command: str, mode: str = "full") 
         f"Command: `{command}`",
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads; "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"peft {info['peft']}; load average at start {info['load_average_start']}, "
+        f"peft {info['peft']}; allocator: {info.get('allocator', 'glibc defaults')}; load average at start {info['load_average_start']}, "
         f"at end {info.get('load_average_end')}; total {info.get('wall_s', 0):.0f} s.",
         table(results), judged + "\n\n" + targets(results), "Per case:\n\n" + case_notes(results),
     ])

@@ -38,8 +38,11 @@ def _setup_torch(threads: int):
     return torch
 
 
-def run_child(case: str, mode: str, threads: int, result_path: Path) -> None:
+def run_child(case: str, mode: str, threads: int, result_path: Path, keep_freed: bool = False) -> None:
     """One case, both sides, in this process; the result is written as JSON to `result_path`."""
+    if keep_freed:  # what train.py and evaluate.py do; here it applies to both sides alike
+        from engine.allocator import keep_freed_memory
+        keep_freed_memory()
     torch = _setup_torch(threads)
     from bench import cases, flops, memory
     from bench.shapes import MODES
@@ -92,12 +95,13 @@ def wait_until_idle(max_wait: float, threads: int, window: float = 3.0) -> float
             return time.perf_counter() - start
 
 
-def run_case(case: str, quick: bool, threads: int) -> dict:
+def run_case(case: str, quick: bool, threads: int, keep_freed: bool = False) -> dict:
     """Run one case in a child process; also note how much CPU *other* processes used meanwhile."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "bench.run", "--child", case, "--result", str(out),
-                   "--threads", str(threads)] + (["--quick"] if quick else [])
+                   "--threads", str(threads)] + (["--quick"] if quick else []) + (
+                   ["--keep-freed-memory"] if keep_freed else [])
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         busy, ours, start = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
@@ -144,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                         "where tiny ops gain nothing from a second thread and its barriers add noise)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each case, wait up to this long for other processes to leave the CPU idle")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run both sides with glibc keeping freed memory, as train.py and evaluate.py "
+                        "set it for themselves (engine/allocator.py); default: glibc's defaults")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown report here too")
     parser.add_argument("--profile", choices=CASE_NAMES, help="profile one side of one case instead")
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         if args.result is None:
             parser.error("--child needs --result")
-        run_child(args.child, mode, args.threads, args.result)
+        run_child(args.child, mode, args.threads, args.result, args.keep_freed_memory)
         return 0
     if args.profile:
         print(profile(args.profile, mode, args.threads, args.profile_side, args.profile_iters, args.profile_rows))
@@ -171,13 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     from bench import report
 
     info = report.machine(args.threads)
+    info["allocator"] = ("glibc, freed memory kept for both sides (--keep-freed-memory)" if args.keep_freed_memory
+                         else "glibc defaults for both sides")
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     results = []
     for i, case in enumerate(args.cases, 1):
         waited = wait_until_idle(args.wait_idle, args.threads) if args.wait_idle > 0 else 0.0
         case_start = time.perf_counter()
-        result = report.derive(run_case(case, args.quick, args.threads))
+        result = report.derive(run_case(case, args.quick, args.threads, args.keep_freed_memory))
         result["waited_for_idle_s"] = waited
         results.append(result)
         if "sides" in result:
