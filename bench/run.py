@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         run_child(args.child, mode, args.threads, args.result, args.keep_freed_memory)
         return 0
     if args.profile:
+        if args.keep_freed_memory:
+            from engine.allocator import keep_freed_memory
+            keep_freed_memory()
         print(profile(args.profile, mode, args.threads, args.profile_side, args.profile_iters, args.profile_rows))
         return 0
 
