@@ -106,6 +106,25 @@ def load_state_dict_from_dir(directory: str | os.PathLike, device: str | torch.d
     return state
 
 
+def read_tensors(directory: str | os.PathLike, names: list[str]) -> dict[str, Tensor]:
+    """Only the named tensors of a model directory, by our state-dict names (files saved from
+    BartModel, without the `model.` prefix, match too), read one at a time."""
+    path = find_weights(directory)
+    files = ([path.parent / shard for shard in _read_index(path)] if path.name.endswith(".index.json") else [path])
+    # file name -> our name, for both spellings
+    wanted = {alias: name for name in names for alias in (name, name.removeprefix("model."))}
+    found: dict[str, Tensor] = {}
+    for file in files:
+        read = _read_safetensors if "safetensors" in file.name else _read_bin
+        for file_name, tensor in read(file, lambda t: t, wanted.keys()).items():
+            found.setdefault(wanted[file_name], tensor)
+    absent = sorted(set(names) - found.keys())
+    if absent:
+        raise ModelError(f"{path}: does not hold {', '.join(absent[:5])}"
+                         f"{f' and {len(absent) - 5} more' if len(absent) > 5 else ''}")
+    return found
+
+
 def model_from_state_dict(config: BartConfig, state: dict[str, Tensor], source: str = "checkpoint"
                           ) -> BartForConditionalGeneration:
     """Assign checkpoint tensors into a model built on the meta device (no second copy, no random init)."""
@@ -222,16 +241,16 @@ def _state_to_save(state: dict[str, Tensor], config: BartConfig) -> dict[str, Te
     return out
 
 
-def _read_safetensors(path: Path, place: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+def _read_safetensors(path: Path, place: Callable[[Tensor], Tensor], only=None) -> dict[str, Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: place(f.get_tensor(name)) for name in f.keys()}
+            return {name: place(f.get_tensor(name)) for name in f.keys() if only is None or name in only}
     except SafetensorError as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt, "
                          "download or save it again") from None
 
 
-def _read_bin(path: Path, place: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+def _read_bin(path: Path, place: Callable[[Tensor], Tensor], only=None) -> dict[str, Tensor]:
     try:
         # mmap keeps the file's pages out of the process's own memory; legacy (non-zip) files can't mmap.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -246,7 +265,7 @@ def _read_bin(path: Path, place: Callable[[Tensor], Tensor]) -> dict[str, Tensor
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated or corrupt") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ModelError(f"{path}: does not hold a flat mapping of tensor names to tensors")
-    return {name: place(t) for name, t in state.items()}
+    return {name: place(t) for name, t in state.items() if only is None or name in only}
 
 
 def _read_index(path: Path) -> dict[str, set[str]]:
