@@ -144,14 +144,14 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool, world: W
 
     # Every rank builds the same model: presets are seeded, and DDP starts from rank 0's weights.
     texts = [t for e in train_examples for t in (e.source, e.target)]
-    model, tokenizer, from_scratch = build_model(args.model, args.seed, texts, args.vocab_size, log)
+    model, tokenizer, base_dir = build_model(args.model, args.seed, texts, args.vocab_size, log)
     if resume:
         tokenizer = load_tokenizer(run.last)
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
                       args.lora_train_biases) if args.lora else None
     if args.dropout is not None:
         set_dropout(model, args.dropout)
-    prepare_trainable(model, lora, args.freeze_encoder, args.freeze_embeddings, from_scratch, log)
+    prepare_trainable(model, lora, args.freeze_encoder, args.freeze_embeddings, base_dir is None, log)
     if resume:
         run.restore_weights(run.last, model)
     elif world.is_main:
@@ -172,7 +172,7 @@ def train_one(args: argparse.Namespace, output_dir: Path, resume: bool, world: W
                          eval_every=args.eval_every, patience=args.patience, min_delta=args.min_delta,
                          seed=args.seed, progress=not args.no_progress)
     result = train(model, tokenizer, splits["train"], splits["val"], config, run, pick_device(args.device),
-                   lora, resume=resume, world=world)
+                   lora, resume=resume, world=world, base_dir=base_dir)
     if world.is_main:
         print_summary(result.summary, run)
         plot_run(run.path)

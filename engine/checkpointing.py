@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engine.frozen_weights import FrozenOriginals, with_originals
 from engine.lora import LoRAConfig, load_adapter, lora_layers, save_adapter
 from models.atomic import atomic_directory, atomic_write, atomic_write_text, recover_directory
 from models.checkpoint import load_state_dict_from_dir, write_model_files
@@ -31,17 +32,18 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (exists without --resume/--overwrite, or is damaged)."""
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: torch.nn.Module, originals: FrozenOriginals | None = None) -> dict[str, torch.Tensor]:
     """The model's weights as a plain BART state dict: LoRA updates folded in (fp32), adapter keys gone.
 
-    Computed beside the model, which keeps training unmerged.
+    Computed beside the model, which keeps training unmerged. Weights the run holds in bf16 get
+    their fp32 `originals` back first (engine/frozen_weights.py).
     """
-    state = dict(model.state_dict())
+    state = with_originals(dict(model.state_dict()), originals)
     for name, layer in lora_layers(model):
         del state[f"{name}.lora_a"], state[f"{name}.lora_b"]
         if not layer.merged:
-            merged = layer.weight.detach().float() + layer.delta_weight()
-            state[f"{name}.weight"] = merged.to(layer.weight.dtype)
+            base = state[f"{name}.weight"]
+            state[f"{name}.weight"] = (base.detach().float() + layer.delta_weight()).to(base.dtype)
     return state
 
 
@@ -75,9 +77,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save(self, which: Path, model, tokenizer, lora_config: LoRAConfig | None,
-             training_state: dict | None = None) -> None:
+             training_state: dict | None = None, originals: FrozenOriginals | None = None) -> None:
         with atomic_directory(which) as tmp:
-            write_model_files(tmp, merged_state_dict(model), model.config)
+            write_model_files(tmp, merged_state_dict(model, originals), model.config)
             tokenizer.save(tmp)
             if lora_config is not None:
                 save_adapter(model, tmp / ADAPTER_DIR, lora_config)

@@ -79,8 +79,9 @@ def is_preset(name: str) -> bool:
 
 def build_model(model_name: str, seed: int, train_texts: list[str] | None = None, vocab_size: int | None = None,
                 log=print):
-    """(model, tokenizer, from_scratch). A preset name starts from random weights with a tokenizer
-    trained on `train_texts`; anything else is a model directory or hub id with its own tokenizer."""
+    """(model, tokenizer, the model directory or None). A preset name starts from random weights
+    (directory None) with a tokenizer trained on `train_texts`; anything else is a model directory
+    or hub id with its own tokenizer."""
     if is_preset(model_name):
         config = preset(model_name)
         log(f"building {model_name} from scratch: training a {vocab_size or config.vocab_size}-token tokenizer "
@@ -88,7 +89,7 @@ def build_model(model_name: str, seed: int, train_texts: list[str] | None = None
         tokenizer = train_bart_tokenizer(train_texts, vocab_size or config.vocab_size)
         torch.manual_seed(seed)  # the initial weights are a function of the seed (resume rebuilds them)
         model = BartForConditionalGeneration(config.replace(vocab_size=tokenizer.vocab_size))
-        return model, tokenizer, True
+        return model, tokenizer, None
     directory = resolve_model_dir(model_name)
     model = load_pretrained(directory)
     try:
@@ -96,7 +97,7 @@ def build_model(model_name: str, seed: int, train_texts: list[str] | None = None
     except FileNotFoundError:
         raise ModelError(f"{directory}: has model weights but no tokenizer files (tokenizer.json or "
                          "vocab.json + merges.txt)") from None
-    return model, tokenizer, False
+    return model, tokenizer, directory
 
 
 def offline_hint(model_name: str) -> str:

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from engine.copy_attention import CopyAttentionLoss, match_keys
 from engine.distributed import World
 from engine.early_stopping import EarlyStopping
 from engine.evaluation import evaluate_loss
+from engine.frozen_weights import hold_frozen_linears_in, restore_originals
 from engine.lora import LoRAConfig
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.schedule import set_lr
@@ -155,13 +157,18 @@ def train(
     resume: bool = False,
     on_step_end: Callable[[TrainState], None] | None = None,
     world: World = World(),
+    base_dir: str | Path | None = None,
 ) -> TrainResult:
+    """Train `model` in place. `base_dir`: the model directory its weights came from; with mixed
+    precision, frozen Linear weights are then held in the autocast dtype while training and their
+    fp32 values re-read from there when saving (engine/frozen_weights.py)."""
     pad_id, start_id = model.config.pad_token_id, model.config.decoder_start_token_id
     amp_dtype, needs_scaler = resolve_amp(config.amp, device)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext())
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
     model.to(device).train()
+    originals = hold_frozen_linears_in(model, amp_dtype, base_dir) if amp_dtype and base_dir else None
     # Forward/backward go through DDP when there are several ranks; everything else uses `model`.
     step_model = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +206,7 @@ def train(
             run.save(run.last, model, tokenizer, lora_config, {
                 "state": asdict(state), "optimizer": optimizer.state_dict(), "early_stopping": monitor.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
-            })
+            }, originals)
         world.barrier()
 
     def validate() -> dict:
@@ -211,7 +218,7 @@ def train(
                   "eval_samples_per_second": report.samples_per_second, "best": improved}
         log(record)
         if improved and world.is_main:
-            run.save(run.best, model, tokenizer, lora_config)
+            run.save(run.best, model, tokenizer, lora_config, originals=originals)
         save_last()
         if world.is_main:
             bar.write(f"step {state.step}: eval loss {report.loss:.4f}" + (" (best)" if improved else ""))
@@ -292,6 +299,7 @@ def train(
     stopped_early = monitor.should_stop and state.step < total_steps
     if monitor.best_step is not None and monitor.best_step != state.step:
         run.restore_weights(run.best, model)  # finish holding the best weights, as saved in best/
+    restore_originals(model, originals)  # and in the dtypes the caller passed
     summary = {
         "steps": state.step,
         "epochs": round(state.epoch + state.batches_done / max(len(sampler), 1), 4),
