@@ -11,7 +11,9 @@ Dropout is the config's 0.1, in training mode on both sides; LoRA dropout is 0 o
 
 from __future__ import annotations
 
+import atexit
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,9 +31,11 @@ from bench import flops, memory, twins
 from bench.shapes import Shapes
 from data.batching import LengthGroupedSampler, collate, padding_fraction, tokenize
 from engine.evaluation import evaluate_loss
+from engine.frozen_weights import hold_frozen_linears_in
 from engine.lora import inject_lora, mark_only_lora_trainable
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.trainer import accumulate_gradients
+from models.checkpoint import save_pretrained
 from models.generate import generate
 
 CPU = torch.device("cpu")
@@ -136,11 +140,18 @@ def bf16_autocast(enabled: bool):
 
 
 def lora_pair(shapes: Shapes):
-    """(ours, theirs, theirs' base model) with rank-r LoRA on q_proj and v_proj, base weights frozen."""
+    """(ours, theirs, theirs' base model) with rank-r LoRA on q_proj and v_proj, base weights frozen.
+    Ours holds its frozen Linear weights in bf16, as `train()` does under bf16 autocast when the
+    weights came from a model directory: so ours is saved to one first (engine/frozen_weights.py)."""
     base = twins.hf_model(shapes)
     ours = twins.our_twin(base)
+    base_dir = Path(tempfile.mkdtemp(prefix="medsum-bench-base-"))
+    atexit.register(shutil.rmtree, base_dir, ignore_errors=True)
+    save_pretrained(ours, base_dir / "model")
     inject_lora(ours, "q_proj,v_proj", rank=shapes.lora_rank, alpha=shapes.lora_alpha)
     mark_only_lora_trainable(ours)
+    if hold_frozen_linears_in(ours, torch.bfloat16, base_dir / "model") is None:
+        raise RuntimeError("the frozen weights were not held in bf16")
     theirs = get_peft_model(base, LoraConfig(r=shapes.lora_rank, lora_alpha=shapes.lora_alpha, lora_dropout=0.0,
                                              target_modules=["q_proj", "v_proj"], task_type="SEQ_2_SEQ_LM"))
     return ours.train(), theirs.train(), base
