@@ -49,7 +49,8 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype, source: str | P
         return None
     originals = FrozenOriginals(Path(source), sorted(layers))
     # Only if the file holds exactly these values (a caller may have changed weights after loading).
-    if not all(torch.equal(layers[name].weight, value) for name, value in originals.read().items()):
+    if not all(torch.equal(layers[name].weight, value.to(layers[name].weight.device))
+               for name, value in originals.read().items()):
         return None
     for module in layers.values():
         module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
@@ -57,8 +58,11 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype, source: str | P
 
 
 def with_originals(state: dict[str, Tensor], originals: FrozenOriginals | None) -> dict[str, Tensor]:
-    """A state dict with the weights held in a lower dtype replaced by their fp32 originals."""
-    return state if originals is None else {**state, **originals.read()}
+    """A state dict with the weights held in a lower dtype replaced by their fp32 originals (on
+    the device of the tensors they replace)."""
+    if originals is None:
+        return state
+    return {**state, **{name: t.to(state[name].device) for name, t in originals.read().items()}}
 
 
 def restore_originals(model: nn.Module, originals: FrozenOriginals | None) -> None:
