@@ -82,8 +82,10 @@ def find_weights(directory: str | os.PathLike) -> Path:
 
 
 def load_state_dict_from_dir(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                             dtype: torch.dtype | str | None = None) -> dict[str, Tensor]:
-    """Every tensor in the directory's weights, under the names the files give them.
+                             dtype: torch.dtype | str | None = None, only: set[str] | None = None
+                             ) -> dict[str, Tensor]:
+    """Every tensor in the directory's weights (or those named in `only`), under the names the
+    files give them.
 
     Tensors move to `device` (and `dtype`) one at a time, so peak memory stays near one copy.
     """
@@ -95,11 +97,11 @@ def load_state_dict_from_dir(directory: str | os.PathLike, device: str | torch.d
         return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
     if not path.name.endswith(".index.json"):
-        return read(path, place)
+        return read(path, place, only)
     state: dict[str, Tensor] = {}
     for shard, names in _read_index(path).items():
-        tensors = read(path.parent / shard, place)
-        absent = sorted(names - tensors.keys())
+        tensors = read(path.parent / shard, place, only)
+        absent = sorted((names if only is None else names & only) - tensors.keys())
         if absent:
             raise ModelError(f"{path}: the index places {', '.join(absent)} in {shard}, which does not hold them")
         state.update(tensors)
@@ -109,18 +111,14 @@ def load_state_dict_from_dir(directory: str | os.PathLike, device: str | torch.d
 def read_tensors(directory: str | os.PathLike, names: list[str]) -> dict[str, Tensor]:
     """Only the named tensors of a model directory, by our state-dict names (files saved from
     BartModel, without the `model.` prefix, match too), read one at a time."""
-    path = find_weights(directory)
-    files = ([path.parent / shard for shard in _read_index(path)] if path.name.endswith(".index.json") else [path])
     # file name -> our name, for both spellings
     wanted = {alias: name for name in names for alias in (name, name.removeprefix("model."))}
     found: dict[str, Tensor] = {}
-    for file in files:
-        read = _read_safetensors if "safetensors" in file.name else _read_bin
-        for file_name, tensor in read(file, lambda t: t, wanted.keys()).items():
-            found.setdefault(wanted[file_name], tensor)
+    for file_name, tensor in load_state_dict_from_dir(directory, only=set(wanted)).items():
+        found.setdefault(wanted[file_name], tensor)
     absent = sorted(set(names) - found.keys())
     if absent:
-        raise ModelError(f"{path}: does not hold {', '.join(absent[:5])}"
+        raise ModelError(f"{find_weights(directory)}: does not hold {', '.join(absent[:5])}"
                          f"{f' and {len(absent) - 5} more' if len(absent) > 5 else ''}")
     return found
 
