@@ -38,11 +38,8 @@ def _setup_torch(threads: int):
     return torch
 
 
-def run_child(case: str, mode: str, threads: int, result_path: Path, keep_freed: bool = False) -> None:
+def run_child(case: str, mode: str, threads: int, result_path: Path) -> None:
     """One case, both sides, in this process; the result is written as JSON to `result_path`."""
-    if keep_freed:  # what train.py and evaluate.py do; here it applies to both sides alike
-        from engine.allocator import keep_freed_memory
-        keep_freed_memory()
     torch = _setup_torch(threads)
     from bench import cases, flops, memory
     from bench.shapes import MODES
@@ -166,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         parser.error("--threads must be at least 1")
 
+    if args.keep_freed_memory and (args.child or args.profile):
+        # what train.py and evaluate.py do; process-wide, so it applies to both sides alike
+        from engine.allocator import keep_freed_memory
+        keep_freed_memory()
     if args.child:
         if args.result is None:
             parser.error("--child needs --result")
-        run_child(args.child, mode, args.threads, args.result, args.keep_freed_memory)
+        run_child(args.child, mode, args.threads, args.result)
         return 0
     if args.profile:
-        if args.keep_freed_memory:
-            from engine.allocator import keep_freed_memory
-            keep_freed_memory()
         print(profile(args.profile, mode, args.threads, args.profile_side, args.profile_iters, args.profile_rows))
         return 0
 
