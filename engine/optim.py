@@ -163,11 +163,15 @@ def _fused_adamw_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torc
 
 
 _COMPILED: list = []
+# With a symbolic size, inductor's C++ backend emits a serial loop unless told that the thread
+# count is decided at run time: then the loop gets an OpenMP region, and on 2 threads the pass is
+# 1.8x faster (a [50264, 1024] tensor: 24.8 -> 13.7 ms; torch's fused AdamW: 13.9 ms).
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 
 
 def _compiled_adamw():
     if not _COMPILED:  # one compiled function per process: dynamic=True covers every parameter size
-        _COMPILED.append(torch.compile(_fused_adamw_pass, dynamic=True, fullgraph=True))
+        _COMPILED.append(torch.compile(_fused_adamw_pass, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS))
     return _COMPILED[0]
 
 

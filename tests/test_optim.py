@@ -304,6 +304,21 @@ def test_compiled_cpu_update_matches_torch_adamw_for_100_steps():
         assert ours.state[a]["step"].item() == reference.state[b]["step"].item()
 
 
+def test_compiled_cpu_update_is_one_parallel_loop_over_a_symbolic_size():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++ / g++), none found")
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(optim._fused_adamw_pass, dynamic=True, fullgraph=True, options=optim.COMPILE_OPTIONS)
+    p, g, m, v = (torch.rand(3000) for _ in range(4))
+    hyper = torch.tensor([0.99, 0.1, 0.999, 0.001, 0.5, 1e-8, -1e-3])
+    _, sources = run_and_get_code(compiled, p, g, m, v, hyper)
+    kernel = "\n".join(sources)
+    # without the option inductor emits a serial loop for a symbolic size: one core of the machine
+    assert "#pragma omp parallel" in kernel
+    assert kernel.count("extern \"C\"") == 1  # the whole update is one fused kernel
+
+
 def test_failed_compile_warns_and_falls_back_to_the_exact_eager_update(monkeypatch):
     def broken():
         def fail(*args):
