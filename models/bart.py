@@ -22,6 +22,7 @@ from models.attention_bf16 import attend_bf16
 from models.config import BartConfig
 from models.cross_entropy import cross_entropy
 from models.dropout import dropout
+from models.shared_cast import cast_for_readers
 from models.errors import ModelError
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
@@ -148,8 +149,10 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+    def project_kv(self, x: Tensor, x_for_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Key and value heads of `x`; `x_for_v` is the same values as v_proj's own copy
+        (models/shared_cast.py), when the caller cast `x` once for several readers."""
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x if x_for_v is None else x_for_v))
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Attend from `x` to precomputed heads `k`, `v`. `mask` is boolean, True where attention is allowed."""
@@ -194,8 +197,10 @@ class EncoderLayer(FeedForwardLayer):
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        k, v = self.self_attn.project_kv(x)
-        x = self.self_attn_layer_norm(x + dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        for_q, for_k, for_v = cast_for_readers(x, 3)
+        k, v = self.self_attn.project_kv(for_k, for_v)
+        h = self.self_attn(for_q, k, v, mask)
+        x = self.self_attn_layer_norm(x + dropout(h, self.dropout, self.training))
         x = self.final_layer_norm(x + dropout(self.feed_forward(x), self.dropout, self.training))
         return x
 
@@ -215,20 +220,23 @@ class DecoderLayer(FeedForwardLayer):
         x: Tensor,
         self_mask: Tensor | None,
         is_causal: bool,
-        memory: Tensor,
+        memory: tuple[Tensor, Tensor] | None,
         memory_mask: Tensor | None,
         cache: LayerCache | None,
     ) -> Tensor:
-        k, v = self.self_attn.project_kv(x)
+        """`memory`: the encoder output as k_proj and v_proj of cross-attention read it (two
+        tensors, from `cast_for_readers`); None when `cache` already holds its keys and values."""
+        for_q, for_k, for_v = cast_for_readers(x, 3)
+        k, v = self.self_attn.project_kv(for_k, for_v)
         if cache is not None:
             k, v = cache.append(k, v)
-        h = self.self_attn(x, k, v, self_mask, is_causal)
+        h = self.self_attn(for_q, k, v, self_mask, is_causal)
         x = self.self_attn_layer_norm(x + dropout(h, self.dropout, self.training))
 
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v  # the encoder output does not change while decoding
         else:
-            k, v = self.encoder_attn.project_kv(memory)
+            k, v = self.encoder_attn.project_kv(*memory)
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
         h = _attend_grouped(self.encoder_attn, x, k, v, memory_mask)
@@ -304,8 +312,12 @@ class Decoder(LayerStack):
         x = self.embed(input_ids, past)
         self_mask, is_causal = _causal_mask(input_ids.shape[1], past, attention_mask, x.device)
         memory_mask = _padding_mask(memory_attention_mask)
+        # one cast of the encoder output for every layer's cross-attention k_proj and v_proj
+        cached = cache is not None and all(layer.cross_k is not None for layer in cache.layers)
+        readers = cast_for_readers(memory, 2 * len(self.layers)) if not cached else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, self_mask, is_causal, memory, memory_mask, cache.layers[i] if cache is not None else None)
+            memory_i = readers[2 * i:2 * i + 2] if readers is not None else None
+            x = layer(x, self_mask, is_causal, memory_i, memory_mask, cache.layers[i] if cache is not None else None)
         return x
 
 
