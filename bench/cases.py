@@ -36,7 +36,7 @@ from engine.lora import inject_lora, mark_only_lora_trainable
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.trainer import accumulate_gradients
 from models.checkpoint import save_pretrained
-from models.generate import generate
+from models.generate import cast_for_inference, generate
 
 CPU = torch.device("cpu")
 MAX_GRAD_NORM = 1.0
@@ -193,9 +193,14 @@ def training(shapes: Shapes, lora: bool, bf16: bool) -> Setup:
                  shapes.lora_iters if lora else shapes.train_iters, sides)
 
 
-def evaluation(shapes: Shapes) -> Setup:
+def evaluation(shapes: Shapes, bf16_weights: bool = False) -> Setup:
+    """Ours with fp32 weights is validation inside train.py; with `bf16_weights` it is evaluate.py
+    --dtype bf16, which loads the model through `cast_for_inference`. Theirs is Trainer's evaluation
+    with bf16=True either way: autocast over fp32 weights."""
     theirs = twins.hf_model(shapes).eval()
     ours = twins.our_twin(theirs).eval()
+    if bf16_weights:
+        cast_for_inference(ours, torch.bfloat16)
     autocast = bf16_autocast(True)
     split = twins.synthetic_split(shapes)
     batch = twins.batch_of(split, ours.config)
@@ -222,8 +227,9 @@ def evaluation(shapes: Shapes) -> Setup:
         return {"loss_ours": losses["ours"], "loss_theirs": losses["theirs"],
                 "loss_rel_diff": abs(losses["ours"] - losses["theirs"]) / abs(losses["theirs"])}
 
-    return Setup("evaluation loss (teacher forced), bf16 autocast", "bf16", shapes.eval_iters,
-                 {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
+    title = ("evaluation loss (teacher forced), bf16: ours evaluate.py --dtype bf16 (bf16 weights + autocast), "
+             "theirs autocast" if bf16_weights else "evaluation loss (teacher forced), bf16 autocast")
+    return Setup(title, "bf16", shapes.eval_iters, {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
 
 
 def generation(shapes: Shapes, beams: int) -> Setup:
@@ -343,6 +349,7 @@ CASES: dict[str, Callable[[Shapes], Setup]] = {
     "full_bf16": lambda s: training(s, lora=False, bf16=True),
     "full_fp32": lambda s: training(s, lora=False, bf16=False),
     "eval_bf16": evaluation,
+    "eval_bf16_weights": lambda s: evaluation(s, bf16_weights=True),
     "beam4": lambda s: generation(s, beams=4),
     "greedy": lambda s: generation(s, beams=1),
     "real_epoch": real_epoch,

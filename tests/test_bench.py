@@ -27,3 +27,16 @@ def test_quick_benchmark_reports_both_sides_with_positive_throughput(tmp_path):
     assert results["beam4"]["checks"]["same_output"] is True
     table = done.stdout
     assert "| lora_bf16 |" in table and "| beam4 |" in table and "Targets" in table
+
+
+def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--cases", "eval_bf16_weights", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result, = json.loads(out.read_text())["results"]
+    # evaluate.py --dtype bf16 rounds every weight to bf16, as autocast rounds the Linear weights;
+    # LayerNorm, softmax and the loss stay fp32, so the losses agree to bf16 rounding of the embeddings
+    assert result["checks"]["loss_rel_diff"] < 1e-3
+    assert "| eval_bf16_weights |" in done.stdout
