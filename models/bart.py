@@ -22,8 +22,8 @@ from models.attention_bf16 import attend_bf16
 from models.config import BartConfig
 from models.cross_entropy import cross_entropy
 from models.dropout import dropout
-from models.shared_cast import cast_for_readers
 from models.errors import ModelError
+from models.shared_cast import cast_for_readers
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
 
