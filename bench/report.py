@@ -66,6 +66,19 @@ def derive(result: dict) -> dict:
     return result
 
 
+def median_process(runs: list[dict]) -> dict:
+    """One case run in several processes: the run with the median ratio (the lower middle one for
+    an even count), carrying every run's ratio in order. A failed or skipped run is returned as is."""
+    for run in runs:
+        if "ratio" not in run:
+            return run
+    if len(runs) == 1:
+        return runs[0]
+    chosen = dict(sorted(runs, key=lambda run: run["ratio"])[(len(runs) - 1) // 2])
+    chosen["process_ratios"] = [run["ratio"] for run in runs]
+    return chosen
+
+
 def _f(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -101,7 +114,10 @@ def case_notes(results: list[dict]) -> str:
             f"{o['flops'] / 1e9:.1f} GFLOP per iteration; peak fp32 {peak['fp32'] / 1e9:.0f}, "
             f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; RSS after setup {r['rss_after_setup_mb']:.0f} MB; "
             f"other processes used {r.get('other_processes_cores', float('nan')):.2f} cores meanwhile"
-            + (f"; {extra}" if extra else "") + ".")
+            + (f"; {extra}" if extra else "") + "."
+            + (f" Ratio in each of {len(r['process_ratios'])} processes: "
+               f"{', '.join(f'{x:.2f}x' for x in r['process_ratios'])} (this row: the median one)."
+               if "process_ratios" in r else ""))
     return "\n".join(lines)
 
 

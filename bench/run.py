@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run both sides with glibc keeping freed memory, as train.py and evaluate.py "
                         "set it for themselves (engine/allocator.py); default: glibc's defaults")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="run each case in N processes, one after another, and report the one with the "
+                        "median ratio, listing all N ratios (the same code differs by up to ~10%% between "
+                        "processes; default: 1)")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown report here too")
     parser.add_argument("--profile", choices=CASE_NAMES, help="profile one side of one case instead")
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1 if args.quick else 2
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
 
     if args.keep_freed_memory and (args.child or args.profile):
         # what train.py and evaluate.py do; process-wide, so it applies to both sides alike
@@ -186,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = []
     for i, case in enumerate(args.cases, 1):
-        waited = wait_until_idle(args.wait_idle, args.threads) if args.wait_idle > 0 else 0.0
-        case_start = time.perf_counter()
-        result = report.derive(run_case(case, args.quick, args.threads, args.keep_freed_memory))
+        case_start, runs, waited = time.perf_counter(), [], 0.0
+        for _ in range(args.processes):
+            waited += wait_until_idle(args.wait_idle, args.threads) if args.wait_idle > 0 else 0.0
+            runs.append(report.derive(run_case(case, args.quick, args.threads, args.keep_freed_memory)))
+        result = report.median_process(runs)
         result["waited_for_idle_s"] = waited
         results.append(result)
         if "sides" in result:

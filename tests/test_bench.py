@@ -5,14 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.report import median_process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(cases: str, tmp_path: Path) -> tuple[dict[str, dict], str]:
-    """(results by case, the printed report) of `bench.run --quick --cases CASES`."""
+def run_quick(cases: str, tmp_path: Path, *extra: str) -> tuple[dict[str, dict], str]:
+    """(results by case, the printed report) of `bench.run --quick --cases CASES [EXTRA...]`."""
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--cases", cases, "--json", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--cases", cases, "--json", str(out), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return {r["case"]: r for r in json.loads(out.read_text())["results"]}, done.stdout
@@ -40,3 +44,29 @@ def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
     # LayerNorm, softmax and the loss stay fp32, so the losses agree to bf16 rounding of the embeddings
     assert result["checks"]["loss_rel_diff"] < 1e-3
     assert "| eval_bf16_weights |" in table
+
+
+def test_a_case_run_in_several_processes_reports_the_median_one_and_every_ratio(tmp_path):
+    results, table = run_quick("eval_bf16", tmp_path, "--processes", "3")
+    result = results["eval_bf16"]
+    ratios = result["process_ratios"]
+    assert len(ratios) == 3
+    assert result["ratio"] == sorted(ratios)[1]
+    assert "Ratio in each of 3 processes" in table
+
+
+def test_median_process_picks_the_middle_ratio_and_passes_failures_through():
+    runs = [{"case": "x", "ratio": r, "run": i} for i, r in enumerate((1.3, 0.9, 1.1, 1.2))]
+    chosen = median_process(runs)
+    assert chosen["run"] == 2  # 1.1: the lower middle of four
+    assert chosen["process_ratios"] == [1.3, 0.9, 1.1, 1.2]
+    assert "process_ratios" not in median_process(runs[:1])
+    failed = {"case": "x", "error": "child process exited with status 1"}
+    assert median_process([runs[0], failed]) is failed
+
+
+def test_processes_must_be_at_least_one(capsys):
+    from bench.run import main
+    with pytest.raises(SystemExit):
+        main(["--quick", "--processes", "0"])
+    assert "--processes must be at least 1" in capsys.readouterr().err
