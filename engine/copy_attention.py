@@ -61,8 +61,9 @@ class CopyAttentionLoss:
 
     `watching(model)` hooks the model to see what each forward pass feeds that head; calling
     the loss with that pass's batch recomputes the head's attention probabilities (one head of
-    one layer: cheap) and returns their summed negative log at the aligned positions. The caller divides by the copied tokens of the whole step, as it does for the
-    token loss, so gradient accumulation stays exact.
+    one layer: cheap) and returns their summed negative log at the aligned positions. The caller
+    divides by the copied tokens of the whole step, as it does for the token loss, so gradient
+    accumulation stays exact.
     """
 
     def __init__(self, model, split: TokenizedSplit, weight: float, keys: Sequence[Hashable] | None = None):

@@ -3,10 +3,9 @@
 Module and parameter names mirror Transformers' `BartForConditionalGeneration`, so a Hugging Face
 state dict loads with `load_state_dict` as it is (the tied embedding appears under four names,
 as in theirs). Attention runs on `F.scaled_dot_product_attention`, except under CPU bf16 autocast
-(models/attention_bf16.py); the decoder keeps a key/value
-cache for generation: self-attention keys are written step by step into preallocated buffers,
-cross-attention keys are computed once from the encoder output, one row per source even when the
-decoder runs several beams per source.
+(models/attention_bf16.py); the decoder keeps a key/value cache for generation: self-attention
+keys are written step by step into preallocated buffers, cross-attention keys are computed once
+from the encoder output, one row per source even when the decoder runs several beams per source.
 """
 
 from __future__ import annotations
