@@ -131,3 +131,31 @@ def test_chunked_attention_equals_all_heads_at_once(monkeypatch):
         for a, b in zip(whole, run(mask, causal)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         monkeypatch.undo()
+
+
+def test_strided_heads_give_the_values_of_row_major_heads_and_gradients_in_their_layout():
+    """The projections' heads are transposed views; the result must not depend on the layout,
+    and each gradient comes back in its input's layout, so the caller's reshape stays a view."""
+    g = torch.Generator().manual_seed(5)
+    batch, heads, head_dim = 2, 4, 8
+    padding = torch.ones(batch, 9, dtype=torch.bool)
+    padding[1, 6:] = False
+    padding = padding[:, None, None, :]
+    as_projected = [torch.randn(batch, n, heads * head_dim, generator=g).bfloat16()
+                    .view(batch, n, heads, head_dim).transpose(1, 2) for n in (6, 9, 9)]
+    grad_out = torch.randn(batch, heads, 6, head_dim, generator=g).bfloat16()
+
+    def run(tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = _attend_bf16(*leaves, padding, False, 0.0)
+        out.backward(grad_out)
+        return [out] + [t.grad for t in leaves], leaves
+
+    strided, leaves = run(as_projected)
+    row_major, _ = run([t.contiguous() for t in as_projected])
+    assert not any(t.is_contiguous() for t in as_projected)
+    for a, b in zip(strided, row_major):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for leaf in leaves:
+        assert leaf.grad.stride() == leaf.stride()
+        leaf.grad.transpose(1, 2).view(batch, -1, heads * head_dim)  # a view: raises if it needs a copy
