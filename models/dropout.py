@@ -29,9 +29,30 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if dropped_levels >= LEVELS:  # p within 1/131072 of 1
         return F.dropout(x, p, training)
     keep = keep_mask(x.shape, dropped_levels, x.device)
-    # Multiplying by the bool mask beat torch.where(keep, x * scale, 0) (1.1 against 1.45 ms for
-    # the whole function), and autograd keeps only the 1-byte mask for backward.
-    return x * keep * (LEVELS / (LEVELS - dropped_levels))
+    return _MaskAndScale.apply(x, keep, LEVELS / (LEVELS - dropped_levels))
+
+
+class _MaskAndScale(torch.autograd.Function):
+    """x * keep * scale, keeping only the 1-byte mask for backward (the gradient is the same
+    product). `x * keep` with a bool mask promotes element by element: 0.47 ms for a [4, 256,
+    1024] bf16 tensor on 2 threads; the mask read as uint8 and converted to x's dtype first takes
+    0.05 ms, and the same-dtype multiply 0.065 ms. The values are equal, since x * 0 and x * 1
+    are exact and the scale comes last, as before."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return _mask_and_scale(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return _mask_and_scale(grad, keep, ctx.scale), None, None
+
+
+def _mask_and_scale(x: Tensor, keep: Tensor, scale: float) -> Tensor:
+    return x * keep.view(torch.uint8).to(x.dtype) * scale
 
 
 def keep_mask(shape: torch.Size, dropped_levels: int, device: torch.device) -> Tensor:
