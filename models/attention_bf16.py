@@ -4,9 +4,10 @@ SDPA's CPU flash kernel is slow for training at BART's lengths. Forward + backwa
 [4, 16, L, 64] heads on 2 threads (EPYC, avx512_bf16), against this path:
 64x256 keys 9.1 -> 5.3 ms, 256x256 26 -> 11 ms, 512x512 75 -> 41 ms, 1024x1024 252 -> 190 ms.
 Computing all heads at once is what loses from 192x192 up (256x256: 33 ms, 1024x1024: 974 ms):
-the fp32 scores leave the cache. So the heads go in chunks whose scores fit in L2, and like a
-flash kernel the backward recomputes the probabilities instead of saving them: no more memory
-than SDPA, for one extra q k^T.
+the fp32 scores leave the cache. So the heads go in chunks whose scores fit in L2. Up to
+batch 4 x 256 x 256 the fp32 probabilities are kept for backward (16 MiB a layer); above that,
+like a flash kernel, backward recomputes them, for one extra q k^T and softmax, so memory grows
+no faster than SDPA's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ CHUNK_SCORES = 512 * 1024
 # Chunks of one head were slower than chunks of two at every length measured (1024x1024: 283
 # against 190 ms).
 MIN_CHUNK_HEADS = 2
+# A call whose fp32 probabilities fit in this many scores keeps them for backward instead of
+# recomputing them: 16 MiB, batch 4 x 16 heads x 256 x 256, so at most ~0.3 GB over
+# distilbart's 18 layers. Forward + backward of those [4, 16, 256, 64] heads: 13.1-16.0 ->
+# 11.0-13.5 ms, bit for bit the same gradients. Longer inputs recompute, as flash kernels do.
+SAVED_PROBS_MAX_SCORES = 4 * 16 * 256 * 256
 
 
 def attend_bf16(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
@@ -74,29 +80,35 @@ class _ChunkedAttention(torch.autograd.Function):
     memory, and bmm on such strided chunks runs at half speed (q k^T of 8 heads at 256x256, 2
     threads: 0.16 against 0.084 ms). So q, k, v and the output's gradient are copied row-major
     once per call (0.024 ms each), q already scaled. The outputs keep the projections' layout,
-    so the caller's transposes back to [batch, length, dim] stay views."""
+    so the caller's transposes back to [batch, length, dim] stay views. Small calls keep their
+    fp32 probabilities for backward (SAVED_PROBS_MAX_SCORES); the rest recompute them."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         out = torch.empty_like(q)
         ctx.layouts = [(x.shape, x.stride()) for x in (q, k, v)]  # the gradients go out in these
         q, k, v = _contiguous(q, q.shape[-1] ** -0.5), _contiguous(k), _contiguous(v)
-        ctx.save_for_backward(q, k, v, mask)
+        keep_probs = any(ctx.needs_input_grad[:3]) and out.numel() // q.shape[-1] * k.shape[2] <= SAVED_PROBS_MAX_SCORES
+        kept = []
         for rows, heads in head_chunks(q.shape[0], q.shape[1], q.shape[2] * k.shape[2]):
             probs = scaled_probs(q[rows, heads], k[rows, heads], _mask_rows(mask, rows))
             out[rows, heads] = torch.matmul(probs.to(q.dtype), v[rows, heads])
+            if keep_probs:
+                kept.append(probs)
+        ctx.save_for_backward(q, k, v, mask, *kept)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q_scaled, k, v, mask = ctx.saved_tensors
+        q_scaled, k, v, mask, *kept = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = (torch.empty_strided(shape, stride, dtype=q_scaled.dtype, device=q_scaled.device)
                                   for shape, stride in ctx.layouts)
         scale = q_scaled.shape[-1] ** -0.5
-        for rows, heads in head_chunks(q_scaled.shape[0], q_scaled.shape[1], q_scaled.shape[2] * k.shape[2]):
+        chunks = head_chunks(q_scaled.shape[0], q_scaled.shape[1], q_scaled.shape[2] * k.shape[2])
+        for i, (rows, heads) in enumerate(chunks):
             q_, k_, v_, g_ = q_scaled[rows, heads], k[rows, heads], v[rows, heads], grad_out[rows, heads]
-            probs = scaled_probs(q_, k_, _mask_rows(mask, rows))
+            probs = kept[i] if kept else scaled_probs(q_, k_, _mask_rows(mask, rows))
             grad_v[rows, heads] = torch.matmul(probs.to(q_.dtype).transpose(-1, -2), g_)
             grad_probs = torch.matmul(g_, v_.transpose(-1, -2)).float()
             # softmax backward in fp32, dS = P * (dP - rowsum(dP * P)), as one kernel (3x faster than the ops)

@@ -159,3 +159,32 @@ def test_strided_heads_give_the_values_of_row_major_heads_and_gradients_in_their
     for leaf in leaves:
         assert leaf.grad.stride() == leaf.stride()
         leaf.grad.transpose(1, 2).view(batch, -1, heads * head_dim)  # a view: raises if it needs a copy
+
+
+def test_kept_probabilities_give_the_gradients_of_recomputed_ones(monkeypatch):
+    """Small calls keep their fp32 probabilities for backward; larger ones recompute them. The
+    gradients must be the same bit for bit, and nothing is kept when no gradient is wanted."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g).bfloat16() for n in (6, 9, 9))
+    grad_out = torch.randn(3, 4, 6, 8, generator=g).bfloat16()
+    padding = torch.ones(3, 9, dtype=torch.bool)
+    padding[2, 4:] = False
+    padding = padding[:, None, None, :]
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _attend_bf16(*leaves, padding, False, 0.0)
+        saved = len(out.grad_fn.saved_tensors)
+        out.backward(grad_out)
+        return saved, [out] + [t.grad for t in leaves]
+
+    monkeypatch.setattr(attention_bf16, "CHUNK_SCORES", 2 * 6 * 9)  # two heads per chunk: 6 chunks
+    kept_count, kept = run()
+    monkeypatch.setattr(attention_bf16, "SAVED_PROBS_MAX_SCORES", 3 * 4 * 6 * 9 - 1)  # one score too many
+    recomputed_count, recomputed = run()
+    assert (kept_count, recomputed_count) == (4 + 6, 4)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    monkeypatch.undo()
+    frozen = _attend_bf16(q, k, v, padding, False, 0.0)
+    assert frozen.grad_fn is None and torch.equal(frozen, kept[0].detach())
