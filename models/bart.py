@@ -39,6 +39,20 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
 }
 
+# The same functions overwriting their input, used where no graph is recorded (generation,
+# evaluation): fc1's [batch, length, ffn_dim] output is then not held twice at the encoder's peak.
+# Greedy generation at distilbart-cnn-12-6 shapes (bench case `greedy`, 9 pairs): our peak 90 -> 76
+# MB median, ours/theirs 0.78 -> 0.71.
+IN_PLACE_ACTIVATIONS = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": F.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "swish": lambda x: F.silu(x, inplace=True),
+}
+
 
 def shift_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
     """Decoder inputs from labels: prepend the start token, drop the last, and turn -100 into pad."""
@@ -177,13 +191,21 @@ class FeedForwardLayer(nn.Module):
             raise ModelError(f"activation_function {config.activation_function!r} is not supported; "
                              f"one of {', '.join(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[config.activation_function]
+        self.activation_in_place = IN_PLACE_ACTIVATIONS.get(config.activation_function)
         self.activation_dropout = config.activation_dropout
         self.dropout = config.dropout
         self.fc1 = nn.Linear(config.d_model, hidden)
         self.fc2 = nn.Linear(hidden, config.d_model)
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        h = dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
+        h = self.fc1(x)
+        # Only when no gradient flows: under autograd the in-place op would save a copy of fc1's
+        # output for backward, costing what it saves.
+        if self.activation_in_place is not None and not h.requires_grad:
+            h = self.activation_in_place(h)
+        else:
+            h = self.activation(h)
+        h = dropout(h, self.activation_dropout, self.training)
         return self.fc2(h)
 
 

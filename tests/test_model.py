@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from models.bart import BartForConditionalGeneration, count_parameters, shift_right
+from models.bart import (ACTIVATIONS, IN_PLACE_ACTIVATIONS, BartForConditionalGeneration, count_parameters,
+                         shift_right)
 from models.config import PRESETS, BartConfig, preset
 from models.errors import ModelError
 from tests.oracle import PARITY_CONFIGS, hf_config, padded_batch, twin_models
@@ -171,3 +172,27 @@ def test_set_dropout_matches_a_model_built_with_that_dropout():
     assert changed.config.dropout == 0.3
     with pytest.raises(ModelError, match="dropout must be in"):
         set_dropout(changed, 1.5)
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE_ACTIVATIONS))
+def test_in_place_activation_equals_its_out_of_place_form_and_reuses_the_input(name):
+    x = torch.randn(3, 5, 64) * 3
+    expected = ACTIVATIONS[name](x.clone())
+    out = IN_PLACE_ACTIVATIONS[name](x)
+    assert torch.equal(out, expected)
+    assert out.data_ptr() == x.data_ptr()
+
+
+def test_feed_forward_overwrites_fc1_output_only_when_no_graph_is_recorded():
+    torch.manual_seed(0)
+    layer = BartForConditionalGeneration(PRESETS["tiny"]).model.encoder.layers[0].eval()
+    fc1_outputs = []
+    layer.fc1.register_forward_hook(lambda module, args, out: fc1_outputs.append((out, out.clone())))
+    x = torch.randn(2, 7, PRESETS["tiny"].d_model, requires_grad=True)
+    recorded = layer.feed_forward(x)
+    with torch.inference_mode():
+        in_place = layer.feed_forward(x.detach())
+    assert torch.equal(in_place, recorded)
+    (recorded_fc1, recorded_before), (inference_fc1, inference_before) = fc1_outputs
+    assert torch.equal(recorded_fc1, recorded_before)
+    assert torch.equal(inference_fc1, ACTIVATIONS["gelu"](inference_before))
