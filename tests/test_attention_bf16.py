@@ -14,6 +14,17 @@ def qkv(queries: int, keys: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(2, 3, n, 8, generator=g) for n in (queries, keys, keys))
 
 
+def bf16_heads_with_padding(seed: int, padded_row: int, padded_from: int) -> tuple[torch.Tensor, ...]:
+    """bf16 q [3, 4, 6, 8], k and v [3, 4, 9, 8], an output gradient, and a key-padding mask that
+    hides keys `padded_from`.. of batch row `padded_row`."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g).bfloat16() for n in (6, 9, 9))
+    grad_out = torch.randn(3, 4, 6, 8, generator=g).bfloat16()
+    padding = torch.ones(3, 9, dtype=torch.bool)
+    padding[padded_row, padded_from:] = False
+    return q, k, v, grad_out, padding[:, None, None, :]
+
+
 def test_bf16_attention_matches_sdpa_with_padding_and_causal_masks():
     q, k, v = qkv(5, 7)
     padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)[:, None, None, :]
@@ -110,12 +121,7 @@ def test_head_chunks_cover_every_head_once_within_the_score_budget():
 
 def test_chunked_attention_equals_all_heads_at_once(monkeypatch):
     """Forward and backward give the same values whether the heads go one chunk or many."""
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(3, 4, n, 8, generator=g).bfloat16() for n in (6, 9, 9))
-    grad_out = torch.randn(3, 4, 6, 8, generator=g).bfloat16()
-    padding = torch.ones(3, 9, dtype=torch.bool)
-    padding[1, 5:] = False
-    padding = padding[:, None, None, :]
+    q, k, v, grad_out, padding = bf16_heads_with_padding(seed=4, padded_row=1, padded_from=5)
 
     def run(mask, causal):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -164,12 +170,7 @@ def test_strided_heads_give_the_values_of_row_major_heads_and_gradients_in_their
 def test_kept_probabilities_give_the_gradients_of_recomputed_ones(monkeypatch):
     """Small calls keep their fp32 probabilities for backward; larger ones recompute them. The
     gradients must be the same bit for bit, and nothing is kept when no gradient is wanted."""
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(3, 4, n, 8, generator=g).bfloat16() for n in (6, 9, 9))
-    grad_out = torch.randn(3, 4, 6, 8, generator=g).bfloat16()
-    padding = torch.ones(3, 9, dtype=torch.bool)
-    padding[2, 4:] = False
-    padding = padding[:, None, None, :]
+    q, k, v, grad_out, padding = bf16_heads_with_padding(seed=6, padded_row=2, padded_from=4)
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
