@@ -65,6 +65,29 @@ def test_four_micro_batches_of_one_give_the_gradients_of_one_batch_of_four(token
         torch.testing.assert_close(four[name], one[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_backward_runs_outside_autocast_with_the_gradients_it_gave_inside(tokenizer):
+    """Autocast keeps its bf16 copy of every trainable weight until its context exits, so the
+    backward must not run inside it; the backward ops keep the forward's dtypes either way."""
+    split = random_split(4, tokenizer.vocab_size, seed=2)
+    batch = collate(split, [0, 1, 2, 3], 1, 2)
+    model = tiny_model(tokenizer.vocab_size)
+    autocast_in_backward = []
+    model.lm_head.weight.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
+    torch.manual_seed(3)
+    accumulate_gradients(model, [batch], CPU, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert autocast_in_backward == [False]
+    ours = {n: p.grad for n, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
+                    return_logits=False, loss_reduction="sum")
+        (out.loss / batch.num_target_tokens).backward()
+    for name, grad in model.named_parameters():
+        assert torch.equal(ours[name], grad.grad), name
+
+
 class Crash(Exception):
     pass
 
