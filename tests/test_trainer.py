@@ -84,8 +84,8 @@ def test_backward_runs_outside_autocast_with_the_gradients_it_gave_inside(tokeni
         out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
                     return_logits=False, loss_reduction="sum")
         (out.loss / batch.num_target_tokens).backward()
-    for name, grad in model.named_parameters():
-        assert torch.equal(ours[name], grad.grad), name
+    for name, param in model.named_parameters():
+        assert torch.equal(ours[name], param.grad), name
 
 
 class Crash(Exception):
