@@ -234,7 +234,7 @@ def evaluation(shapes: Shapes, bf16_weights: bool = False) -> Setup:
 
 def generation(shapes: Shapes, beams: int) -> Setup:
     theirs = twins.hf_model(shapes).eval()
-    ours = twins.our_twin(theirs).eval()
+    ours = twins.our_twin(theirs).eval().requires_grad_(False)  # frozen, as load_for_inference loads it
     batch = twins.batch_of(twins.synthetic_split(shapes), ours.config)
     settings = dict(GENERATION, num_beams=beams, max_length=shapes.new_tokens + 1,
                     min_length=shapes.new_tokens + 1)

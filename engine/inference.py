@@ -16,7 +16,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_for_inference(name_or_path: str, device: torch.device, dtype: str = "fp32"):
-    """(model, tokenizer, directory). A training run directory means its `best/` checkpoint."""
+    """(model, tokenizer, directory) with the weights frozen, as inference needs them: generation
+    then keeps its prepacked decoder weights between batches (models/packed_weights.py). A
+    training run directory means its `best/` checkpoint."""
     directory = resolve_model_dir(name_or_path)
     if not (directory / "config.json").exists() and (directory / "best" / "config.json").exists():
         directory = directory / "best"
@@ -28,7 +30,7 @@ def load_for_inference(name_or_path: str, device: torch.device, dtype: str = "fp
                          "(tokenizer.json or vocab.json + merges.txt)") from None
     if dtype != "fp32":
         cast_for_inference(model, DTYPES[dtype])
-    return model.eval(), tokenizer, directory
+    return model.requires_grad_(False).eval(), tokenizer, directory
 
 
 def decode_generated(tokenizer, ids: torch.Tensor) -> list[str]:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from models import packed_weights
 from models.bart import BartForConditionalGeneration, KVCache
 from models.config import BartConfig
 from models.errors import ModelError
@@ -143,6 +145,10 @@ def generate(
     `attention_mask` (1 = real token) is needed for padded batches; without it every token is
     attended, as in Transformers. The model runs in eval mode (no dropout) and is put back in the
     mode it was in. For bf16 inference cast the model first: `cast_for_inference(model, torch.bfloat16)`.
+
+    On the CPU, the decoder's and LM head's weights run prepacked for oneDNN (models/packed_weights.py).
+    Frozen ones stay packed for later calls, as much memory again as those weights (~610 MB fp32 for
+    distilbart-cnn-12-6); `models.packed_weights.release(model.parameters())` frees it.
     """
     layered = {**(generation_config.overrides() if generation_config else {}), **overrides}
     settings = GenerationConfig.from_model_config(model.config, **layered)
@@ -150,13 +156,18 @@ def generate(
 
     was_training = model.training
     model.eval()
+    # The decoder and LM head run once per new token, mostly on a few rows, where prepacking their
+    # weights pays most (only those F.linear reads get packed, LoRA's included). Packs of
+    # trainable weights are dropped afterwards: those weights will change.
+    per_token = [p for p in model.model.decoder.parameters() if p.dim() == 2] + [model.lm_head.weight]
     try:
-        with torch.inference_mode(), OneDNNLinear():
+        with torch.inference_mode(), OneDNNLinear(pack=per_token):
             memory = model.encode(input_ids, attention_mask)
             search = greedy_search if settings.num_beams == 1 else beam_search
             out = search(model, memory, attention_mask, settings)
     finally:
         model.train(was_training)
+        packed_weights.release(w for w in per_token if w.requires_grad)
     return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
 
 
@@ -177,11 +188,17 @@ class OneDNNLinear(TorchFunctionMode):
     encoder's shapes against oneDNN's ~240, and is ~2x slower at the decoder's 16-row products
     (fc1: 2.0 vs 0.94 ms; LM head: 38 vs 16 ms). bf16 already goes to oneDNN, but through a path
     ~2x slower for 4-row products. Only the summation order differs from `F.linear`.
-    Inference only (the op has no backward); any other call passes through unchanged."""
+    Inference only (the op has no backward); any other call passes through unchanged.
+    Weights in `pack` run on their prepacked copies (models/packed_weights.py): the same products,
+    without reordering the weight on every call."""
 
     available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     dtypes = (torch.float32, torch.bfloat16) if available and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
         else (torch.float32,)
+
+    def __init__(self, pack: Iterable[Tensor] = ()):
+        super().__init__()
+        self.pack = {id(w) for w in pack if packed_weights.can_pack(w)}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,6 +207,8 @@ class OneDNNLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if (x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2 and x.dtype in self.dtypes
                     and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+                if id(weight) in self.pack:
+                    weight = packed_weights.prepacked(weight)
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 

@@ -1,0 +1,127 @@
+"""Prepacked oneDNN weights: the same products as the plain weight, repacked when the weight changes,
+freed with it, and in generation kept only for frozen weights."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from models import packed_weights
+from models.generate import generate
+from tests.test_generate import BASE, CASES, assert_same_ids, build_pair, padded_batch, their_generate
+
+pytestmark = pytest.mark.skipif(not packed_weights.AVAILABLE, reason="this torch build cannot prepack for oneDNN")
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+
+
+def linear(x, weight, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def parameter(rows: int, columns: int, dtype=torch.float32, seed: int = 0) -> nn.Parameter:
+    g = torch.Generator().manual_seed(seed)
+    return nn.Parameter(torch.randn(rows, columns, generator=g).to(dtype), requires_grad=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 4, 16, 300])
+def test_packed_weight_gives_the_plain_weights_products_bit_for_bit(dtype, rows):
+    weight = parameter(96, 64, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, rows, 64, generator=g).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    packed = packed_weights.prepacked(weight)
+    assert packed.is_mkldnn  # a real pack, not the weight handed back
+    assert torch.equal(linear(x, packed, bias), linear(x, weight, bias))
+    assert torch.equal(linear(x, packed), linear(x, weight))
+
+
+def test_a_pack_is_made_once_and_reused_while_the_weight_is_unchanged():
+    weight = parameter(32, 16)
+    assert packed_weights.prepacked(weight) is packed_weights.prepacked(weight)
+
+
+def test_an_in_place_change_or_a_new_storage_gets_a_new_pack():
+    weight = parameter(32, 16)
+    x = torch.randn(4, 16)
+    first = packed_weights.prepacked(weight)
+    with torch.no_grad():
+        weight.mul_(2.0)  # as an optimizer step or LoRA's merge would
+    second = packed_weights.prepacked(weight)
+    assert second is not first
+    assert torch.equal(linear(x, second), linear(x, weight.detach().clone()))
+
+    weight.data = torch.randn(32, 16)  # what Module.to() does; the version counter stays the same
+    third = packed_weights.prepacked(weight)
+    assert third is not second
+    assert torch.equal(linear(x, third), linear(x, weight.detach().clone()))
+
+
+def test_a_pack_is_freed_with_its_weight():
+    weight = parameter(256, 128)
+    gc.collect()  # weights other tests left for the collector go first, not during the count
+    before = packed_weights.packed_bytes()
+    packed_weights.prepacked(weight)
+    assert packed_weights.packed_bytes() - before == 256 * 128 * 4
+    del weight
+    gc.collect()
+    assert packed_weights.packed_bytes() == before
+
+
+def test_only_cpu_parameters_with_a_version_counter_are_packed():
+    assert packed_weights.can_pack(parameter(8, 4))
+    assert not packed_weights.can_pack(torch.randn(8, 4))  # a per-call tensor (a cast LoRA factor)
+    with torch.inference_mode():
+        made_in_inference = nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    assert not packed_weights.can_pack(made_in_inference)
+    assert not packed_weights.can_pack(nn.Parameter(torch.randn(8)))
+
+
+def decoder_weight_ids(model) -> set[int]:
+    return {id(p) for p in model.model.decoder.parameters() if p.dim() == 2} | {id(model.lm_head.weight)}
+
+
+def packed_ids() -> set[int]:
+    return set(packed_weights._packs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4], ids=["greedy", "beam4"])
+def test_generation_keeps_the_packs_of_frozen_decoder_weights_and_gives_transformers_ids(num_beams):
+    theirs, ours = build_pair("d32-b")
+    ours.requires_grad_(False)
+    ids, mask = padded_batch(ours.config.vocab_size)
+    settings = dict(BASE, **CASES["cnn-like"], num_beams=num_beams)
+    first = generate(ours, ids, mask, **settings)
+    # q, k, v and out of both attentions, fc1 and fc2 in every decoder layer, and the LM head
+    assert len(packed_ids() & decoder_weight_ids(ours)) == 10 * ours.config.decoder_layers + 1
+    assert not packed_ids() & {id(p) for p in ours.model.encoder.parameters() if p is not ours.lm_head.weight}
+    second = generate(ours, ids, mask, **settings)  # on the packs kept from the first call
+    expected = their_generate(theirs, ids, mask, **settings)
+    assert_same_ids(first, expected)
+    assert_same_ids(second, expected)
+
+
+def test_generation_drops_the_packs_of_trainable_weights():
+    _, ours = build_pair("d32-b")
+    ids, mask = padded_batch(ours.config.vocab_size)
+    generate(ours, ids, mask, **BASE)
+    assert not packed_ids() & decoder_weight_ids(ours)
+
+
+def test_generation_after_a_frozen_weight_changes_uses_the_new_values():
+    _, ours = build_pair("d32-b")
+    ours.requires_grad_(False)
+    ids, mask = padded_batch(ours.config.vocab_size)
+    original = generate(ours, ids, mask, **BASE)
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(-1.0)  # tied: the embedding changes too
+        ours.model.decoder.layers[0].fc1.weight.mul_(3.0)
+    after = generate(ours, ids, mask, **BASE)
+    _, fresh = build_pair("d32-b")  # trainable: packed afresh in its call, dropped after it
+    fresh.load_state_dict(ours.state_dict())
+    assert_same_ids(after, generate(fresh, ids, mask, **BASE))
+    assert not torch.equal(after, original)  # else a stale pack would go unseen
