@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models import packed_weights
 from models.atomic import atomic_write, atomic_write_text
 from models.errors import ModelError
 
@@ -154,7 +155,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = packed_weights.linear(x, self.weight, self.bias)  # F.linear, on a pack of a frozen base
         if self.merged:  # B A is already inside weight
             return out
         # cast the small adapter matrices, not the activations, when they differ (fp32 adapters on a bf16 base)

@@ -22,6 +22,7 @@ from models.config import BartConfig
 from models.cross_entropy import cross_entropy
 from models.dropout import dropout
 from models.errors import ModelError
+from models.packed_weights import Linear
 from models.shared_cast import cast_for_readers
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
@@ -154,10 +155,10 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -195,8 +196,8 @@ class FeedForwardLayer(nn.Module):
         self.activation_in_place = IN_PLACE_ACTIVATIONS.get(config.activation_function)
         self.activation_dropout = config.activation_dropout
         self.dropout = config.dropout
-        self.fc1 = nn.Linear(config.d_model, hidden)
-        self.fc2 = nn.Linear(hidden, config.d_model)
+        self.fc1 = Linear(config.d_model, hidden)
+        self.fc2 = Linear(hidden, config.d_model)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
@@ -381,7 +382,7 @@ class BartForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.model = BartModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))

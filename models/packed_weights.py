@@ -7,13 +7,17 @@ packed, against 16 rows 0.48 against 0.30 ms; bf16 0.14 against 0.07 and 0.24 ag
 At 256 rows and more the gain is ~5%. The product is bit for bit the same; only the reorder is
 skipped. Packing that weight once costs ~4 ms (fp32).
 
-The copy costs as much memory as the weight itself: 152M parameters, ~610 MB fp32 (~305 MB bf16),
-for distilbart-cnn-12-6's decoder and LM head. So `models.generate` packs only the weights it
-runs once per new token, and keeps packs only of frozen weights (`requires_grad=False`, as
-`engine.inference.load_for_inference` loads them); trainable weights change between calls.
-Bench cases greedy and beam4 (fp32, batch 4, 64 new tokens), two processes against one: greedy
-1.57 -> 1.99-2.16 samples/s, beam-4 1.25 -> 1.50-1.56; process peak RSS +625 MB greedy, +450-540
-MB beam-4.
+A pack costs as much memory as its weight, so only weights that stay unchanged get one:
+- Generation (`models.generate`) packs the weights it runs once per new token, the decoder's and
+  the LM head's: 152M parameters, ~610 MB fp32 (~305 MB bf16) for distilbart-cnn-12-6. It keeps
+  the packs of frozen weights (`requires_grad=False`, as `engine.inference.load_for_inference`
+  loads them) and drops the others after each call. Bench cases greedy and beam4 (fp32, batch 4,
+  64 new tokens), two processes against one: greedy 1.57 -> 1.99-2.16 samples/s, beam-4 1.25 ->
+  1.50-1.56; process peak RSS +625 MB greedy, +450-540 MB beam-4.
+- Training packs the frozen Linear weights it holds in bf16 (engine/frozen_weights.py): the
+  LoRA base, ~240M parameters, ~480 MB at distilbart-cnn-12-6 shapes. Bench case lora_bf16,
+  three process pairs: ours/theirs 1.263-1.269x -> 1.298-1.376x, 68-70% -> 71.7-71.9% of the
+  bf16 matmul peak; process peak RSS +490 MB, per-step memory unchanged.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import weakref
 from typing import Iterable
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 # Whether this torch build can prepack: CPU builds with oneDNN on an x86 CPU.
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# Whether bf16 F.linear runs on oneDNN here, so a bf16 pack gives its bits. Elsewhere (no avx512
+# bf16) torch multiplies bf16 on its own kernels, in another summation order.
+BF16_AVAILABLE = AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class _Entry:
@@ -54,8 +62,7 @@ def prepacked(weight: Tensor) -> Tensor:
     merge) bumps the version counter, and `.data = ...` moves the storage."""
     key = id(weight)
     entry = _packs.get(key)
-    if (entry is not None and entry.weight() is weight and entry.version == weight._version
-            and entry.data_ptr == weight.data_ptr()):
+    if entry is not None and _is_current(entry, weight):
         return entry.packed
     # Outside inference mode, so the pack is an ordinary tensor whatever mode the caller is in.
     with torch.inference_mode(False), torch.no_grad():
@@ -63,6 +70,67 @@ def prepacked(weight: Tensor) -> Tensor:
     _packs[key] = _Entry(weakref.ref(weight, lambda _, key=key: _packs.pop(key, None)),
                          weight._version, weight.data_ptr(), packed)
     return packed
+
+
+def _is_current(entry: _Entry, weight: Tensor) -> bool:
+    return entry.weight() is weight and entry.version == weight._version and entry.data_ptr == weight.data_ptr()
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x W^T + b on the pack, for a frozen weight: the only gradient is the input's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        # The product F.linear's backward computes for its input, on the same kernel: the same bits.
+        grad_x = grad.reshape(-1, grad.shape[-1]).mm(weight).view(*grad.shape[:-1], weight.shape[1])
+        return grad_x, None, None, None
+
+
+def usable_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """The pack `linear` runs on: the weight's current bf16 pack, when the product runs in bf16
+    (bf16 inputs, or CPU bf16 autocast), x is contiguous, and the weight and bias need no
+    gradient; else None.
+    An fp32 pack is used only inside generation's `OneDNNLinear`: F.linear runs fp32 on MKL, in
+    another summation order, and training must not change its numbers after a generate call."""
+    entry = _packs.get(id(weight))
+    if (entry is None or weight.dtype != torch.bfloat16 or not BF16_AVAILABLE or x.device.type != "cpu"
+            or not _is_current(entry, weight)):
+        return None
+    if not x.is_contiguous():
+        return None  # F.linear multiplies strided inputs and adds the bias in two roundings
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return entry.packed if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        return None  # F.linear then gives its dtype error
+    return entry.packed
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, bit for bit, on the weight's pack where `usable_pack` finds one."""
+    packed = usable_pack(x, weight, bias)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    # What autocast does for F.linear: x and the bias in bf16 (a no-op when they already are).
+    x = x.to(torch.bfloat16)
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PackedLinear.apply(x, weight, bias, packed)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) that runs on its weight's pack when it has one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def release(weights: Iterable[Tensor]) -> None:

@@ -9,6 +9,7 @@ from engine.checkpointing import RunDir
 from engine.frozen_weights import hold_frozen_linears_in
 from engine.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 from engine.trainer import train
+from models import packed_weights
 from models.checkpoint import load_pretrained, read_tensors, save_pretrained
 from models.errors import ModelError
 from tests.test_trainer import config, random_split, tiny_model
@@ -78,6 +79,11 @@ def test_only_frozen_untied_fp32_linears_are_held(base_dir):
     assert dtypes["model.shared.weight"] == torch.float32  # the tied embedding / LM head
     assert model.lm_head.weight is model.model.shared.weight
     assert "model.decoder.layers.0.fc2.weight" not in originals.names
+    if packed_weights.BF16_AVAILABLE:  # held weights get oneDNN packs; the tied fp32 one does not
+        packed = set(packed_weights._packs)
+        assert id(model.model.encoder.layers[0].fc1.weight) in packed
+        assert id(model.model.encoder.layers[0].self_attn.q_proj.weight) in packed
+        assert id(model.lm_head.weight) not in packed
     assert all(name.endswith(".weight") for name in originals.names)
 
 

@@ -81,6 +81,69 @@ def test_only_cpu_parameters_with_a_version_counter_are_packed():
     assert not packed_weights.can_pack(nn.Parameter(torch.randn(8)))
 
 
+needs_bf16 = pytest.mark.skipif(not packed_weights.BF16_AVAILABLE, reason="bf16 F.linear does not run on oneDNN here")
+
+
+def bf16_layer(seed: int = 0) -> packed_weights.Linear:
+    torch.manual_seed(seed)
+    layer = packed_weights.Linear(48, 80).requires_grad_(False)
+    layer.weight = nn.Parameter(layer.weight.detach().bfloat16(), requires_grad=False)  # as training holds it
+    return layer
+
+
+@needs_bf16
+@pytest.mark.parametrize("inputs", ["fp32 under autocast", "bf16", "bf16 2-d"])
+def test_linear_on_a_pack_gives_f_linears_output_and_input_gradient_bit_for_bit(inputs):
+    layer = bf16_layer()
+    packed_weights.prepacked(layer.weight)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 64, 48, generator=g)
+    if inputs == "bf16 2-d":
+        x = x[0]
+    autocast = inputs == "fp32 under autocast"
+    if autocast:
+        bias = layer.bias  # fp32: autocast casts it, as it casts x
+    else:
+        x = x.bfloat16()
+        bias = layer.bias.detach().bfloat16()
+    results = []
+    for run in (packed_weights.linear, torch.nn.functional.linear):
+        leaf = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run(leaf, layer.weight, bias)
+        out.float().pow(2).sum().backward()
+        results.append((out, leaf.grad))
+    (out, grad), (expected_out, expected_grad) = results
+    assert "_PackedLinear" in type(out.grad_fn).__name__  # it did run on the pack
+    assert out.dtype == expected_out.dtype and torch.equal(out, expected_out)
+    assert torch.equal(grad, expected_grad)
+
+
+@needs_bf16
+def test_linear_runs_f_linear_where_a_pack_would_not_give_its_numbers():
+    layer = bf16_layer()
+    x = torch.randn(2, 5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_weights.usable_pack(x, layer.weight, layer.bias) is None  # no pack made
+        packed_weights.prepacked(layer.weight)
+        assert packed_weights.usable_pack(x, layer.weight, layer.bias) is not None
+        trainable = nn.Parameter(layer.weight.detach().clone())
+        packed_weights.prepacked(trainable)
+        assert packed_weights.usable_pack(x, trainable, layer.bias) is None  # it needs a weight gradient
+    assert packed_weights.usable_pack(x.bfloat16(), layer.weight, layer.bias.bfloat16()) is not None
+    strided = x.transpose(0, 1).bfloat16()  # F.linear adds the bias to these in a second rounding
+    assert packed_weights.usable_pack(strided, layer.weight, layer.bias.bfloat16()) is None
+    with pytest.raises(RuntimeError):  # fp32 x on a bf16 weight, no autocast: F.linear's own error
+        packed_weights.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_weights.usable_pack(x, layer.weight, layer.bias) is None  # stale after the change
+    fp32 = parameter(80, 48)
+    packed_weights.prepacked(fp32)  # as fp32 generation leaves it
+    assert packed_weights.usable_pack(x, fp32, None) is None  # F.linear's fp32 is MKL's, not oneDNN's
+
+
 def decoder_weight_ids(model) -> set[int]:
     return {id(p) for p in model.model.decoder.parameters() if p.dim() == 2} | {id(model.lm_head.weight)}
 
