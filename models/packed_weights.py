@@ -62,7 +62,8 @@ def prepacked(weight: Tensor) -> Tensor:
     merge) bumps the version counter, and `.data = ...` moves the storage."""
     key = id(weight)
     entry = _packs.get(key)
-    if entry is not None and _is_current(entry, weight):
+    if (entry is not None and entry.weight() is weight and entry.version == weight._version
+            and entry.data_ptr == weight.data_ptr()):
         return entry.packed
     # Outside inference mode, so the pack is an ordinary tensor whatever mode the caller is in.
     with torch.inference_mode(False), torch.no_grad():
@@ -70,10 +71,6 @@ def prepacked(weight: Tensor) -> Tensor:
     _packs[key] = _Entry(weakref.ref(weight, lambda _, key=key: _packs.pop(key, None)),
                          weight._version, weight.data_ptr(), packed)
     return packed
-
-
-def _is_current(entry: _Entry, weight: Tensor) -> bool:
-    return entry.weight() is weight and entry.version == weight._version and entry.data_ptr == weight.data_ptr()
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -93,24 +90,23 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def usable_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The pack `linear` runs on: the weight's current bf16 pack, when the product runs in bf16
-    (bf16 inputs, or CPU bf16 autocast), x is contiguous, and the weight and bias need no
+    """The pack `linear` runs on: the bf16 weight's pack, if it was given one, when the product runs
+    in bf16 (bf16 inputs, or CPU bf16 autocast), x is contiguous, and the weight and bias need no
     gradient; else None.
     An fp32 pack is used only inside generation's `OneDNNLinear`: F.linear runs fp32 on MKL, in
     another summation order, and training must not change its numbers after a generate call."""
-    entry = _packs.get(id(weight))
-    if (entry is None or weight.dtype != torch.bfloat16 or not BF16_AVAILABLE or x.device.type != "cpu"
-            or not _is_current(entry, weight)):
+    if (id(weight) not in _packs or weight.dtype != torch.bfloat16 or not BF16_AVAILABLE
+            or x.device.type != "cpu" or not x.is_contiguous()):  # strided: F.linear adds the bias apart
         return None
-    if not x.is_contiguous():
-        return None  # F.linear multiplies strided inputs and adds the bias in two roundings
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if torch.is_autocast_enabled("cpu"):
-        return entry.packed if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+    if torch.is_autocast_enabled("cpu"):  # it casts fp32 x and bias to its dtype, nothing else
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+    elif x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
         return None  # F.linear then gives its dtype error
-    return entry.packed
+    # Packed afresh if the weight changed since (DDP's start-up broadcast, LoRA's merge).
+    return prepacked(weight)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

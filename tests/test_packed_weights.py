@@ -135,13 +135,19 @@ def test_linear_runs_f_linear_where_a_pack_would_not_give_its_numbers():
     assert packed_weights.usable_pack(strided, layer.weight, layer.bias.bfloat16()) is None
     with pytest.raises(RuntimeError):  # fp32 x on a bf16 weight, no autocast: F.linear's own error
         packed_weights.linear(x, layer.weight, layer.bias)
-    with torch.no_grad():
-        layer.weight.mul_(0.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert packed_weights.usable_pack(x, layer.weight, layer.bias) is None  # stale after the change
     fp32 = parameter(80, 48)
     packed_weights.prepacked(fp32)  # as fp32 generation leaves it
     assert packed_weights.usable_pack(x, fp32, None) is None  # F.linear's fp32 is MKL's, not oneDNN's
+
+
+@needs_bf16
+def test_linear_repacks_a_frozen_weight_that_changed_in_place():
+    layer = bf16_layer()
+    packed_weights.prepacked(layer.weight)
+    x = torch.randn(2, 5, 48).bfloat16()
+    with torch.no_grad():
+        layer.weight.mul_(-0.5)  # as DDP's start-up broadcast or LoRA's merge would
+        assert torch.equal(packed_weights.linear(x, layer.weight), torch.nn.functional.linear(x, layer.weight))
 
 
 def decoder_weight_ids(model) -> set[int]:
