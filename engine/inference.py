@@ -29,7 +29,7 @@ def load_for_inference(name_or_path: str, device: torch.device, dtype: str = "fp
         raise ModelError(f"{directory}: has model weights but no tokenizer files "
                          "(tokenizer.json or vocab.json + merges.txt)") from None
     if dtype != "fp32":
-        cast_for_inference(model, DTYPES[dtype])
+        cast_for_inference(model, DTYPES[dtype])  # frozen, and in bf16 packed for oneDNN
     return model.requires_grad_(False).eval(), tokenizer, directory
 
 

@@ -172,14 +172,22 @@ def generate(
 
 
 def cast_for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Cast the model's floating-point weights and buffers to `dtype` in place, in eval mode, and return it.
+    """Cast the model's floating-point weights and buffers to `dtype` in place, frozen and in eval
+    mode, and return it.
 
     Generation then runs in that dtype (logits are scored in float32). Keep an fp32 copy if you will
-    train again or merge LoRA weights: rounding to bf16 is lossy.
+    train again or merge LoRA weights: rounding to bf16 is lossy. In bf16 on the CPU the Linear
+    weights also get oneDNN packs (models/packed_weights.py): the same products, without a reorder
+    of each weight in every call. That is as much memory again as those weights (~610 MB for
+    distilbart-cnn-12-6) for ~9% faster teacher-forced evaluation (bench case eval_bf16_weights:
+    ours/theirs 1.16-1.18x -> 1.25-1.30x, the same loss) and faster generation.
     """
     if not dtype.is_floating_point:
         raise ModelError(f"cast_for_inference: {dtype} is not a floating-point dtype")
-    return model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
+    if dtype == torch.bfloat16 and packed_weights.BF16_AVAILABLE:
+        packed_weights.pack_linears(model)
+    return model
 
 
 class OneDNNLinear(TorchFunctionMode):

@@ -3,6 +3,7 @@ freed with it, and in generation kept only for frozen weights."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from models import packed_weights
-from models.generate import generate
+from models.generate import cast_for_inference, generate
 from tests.test_generate import BASE, CASES, assert_same_ids, build_pair, padded_batch, their_generate
 
 pytestmark = pytest.mark.skipif(not packed_weights.AVAILABLE, reason="this torch build cannot prepack for oneDNN")
@@ -194,3 +195,26 @@ def test_generation_after_a_frozen_weight_changes_uses_the_new_values():
     fresh.load_state_dict(ours.state_dict())
     assert_same_ids(after, generate(fresh, ids, mask, **BASE))
     assert not torch.equal(after, original)  # else a stale pack would go unseen
+
+
+@needs_bf16
+def test_a_model_cast_for_bf16_inference_runs_every_linear_on_a_pack_with_the_same_logits():
+    _, model = build_pair("d32-b")
+    plain = cast_for_inference(copy.deepcopy(model), torch.bfloat16)
+    packed_weights.release(plain.parameters())
+    packed = cast_for_inference(model, torch.bfloat16)
+    linears = [m for m in packed.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6 * packed.config.encoder_layers + 10 * packed.config.decoder_layers + 1
+    assert {id(m.weight) for m in linears} <= packed_ids()
+    assert id(packed.model.decoder.embed_positions.weight) not in packed_ids()
+    assert not any(p.requires_grad for p in packed.parameters())  # frozen: the packs stay valid
+
+    ids, mask = padded_batch(packed.config.vocab_size)
+    labels = ids[:, :6].clone()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as evaluate.py runs it
+        x = torch.randn(2, 3, packed.config.d_model)
+        assert packed_weights.usable_pack(x, linears[0].weight, linears[0].bias) is not None
+        assert packed_weights.usable_pack(x, plain.lm_head.weight, None) is None
+        got = packed(ids, mask, labels=labels)
+        expected = plain(ids, mask, labels=labels)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
