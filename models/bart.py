@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,21 @@ from models.shared_cast import cast_for_readers
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
 
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_tanh_(x: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+# Transformers' three names for the tanh approximation
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as BART was trained
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    **dict.fromkeys(TANH_GELU_NAMES, _gelu_tanh),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
     "silu": F.silu,
@@ -47,12 +58,9 @@ ACTIVATIONS = {
 # no_grad/inference_mode must clone it: the tensor it saw holds the activation afterwards.
 IN_PLACE_ACTIVATIONS = {
     "gelu": torch.ops.aten.gelu_,
-    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "gelu_fast": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    **dict.fromkeys(TANH_GELU_NAMES, _gelu_tanh_),
     "relu": F.relu_,
-    "silu": lambda x: F.silu(x, inplace=True),
-    "swish": lambda x: F.silu(x, inplace=True),
+    **dict.fromkeys(("silu", "swish"), partial(F.silu, inplace=True)),
 }
 
 
