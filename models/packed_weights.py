@@ -19,8 +19,8 @@ A pack costs as much memory as its weight, so only weights that stay unchanged g
   process pairs: ours/theirs 1.16-1.18x -> 1.25-1.30x, the same loss; process peak +560-600 MB.
 - Training packs the frozen Linear weights it holds in bf16 (engine/frozen_weights.py): the
   LoRA base, ~240M parameters, ~480 MB at distilbart-cnn-12-6 shapes. Bench case lora_bf16,
-  three process pairs: ours/theirs 1.263-1.269x -> 1.298-1.376x, 68-70% -> 71.7-71.9% of the
-  bf16 matmul peak; process peak RSS +490 MB, per-step memory unchanged.
+  six process pairs: ours/theirs 1.254-1.281x -> 1.298-1.376x; process peak RSS +490 MB,
+  per-step memory unchanged.
 """
 
 from __future__ import annotations
