@@ -23,7 +23,8 @@ from engine.allocator import keep_freed_memory
 from engine.evaluation import evaluate_loss
 from engine.inference import DTYPES, load_for_inference, summarize_ids
 from engine.metrics import expansion_accuracy, rouge
-from engine.setup import DEFAULT_CACHE, check_vocabulary, load_examples, pick_device, tokenize_examples
+from engine.setup import (DEFAULT_CACHE, add_weight_packs_flag, apply_weight_packs_flag, check_vocabulary,
+                          load_examples, pick_device, tokenize_examples)
 from models.atomic import atomic_write_text
 from models.errors import ModelError
 from models.tokenizer import TokenizerError
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenised-data cache (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_weight_packs_flag(p)
     g = p.add_argument_group("generation (default: the checkpoint's generation_config.json)")
     g.add_argument("--num-beams", type=int)
     g.add_argument("--max-length", type=int, help="generated length, decoder start token included")
@@ -140,6 +142,7 @@ def print_table(metrics: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
+    apply_weight_packs_flag(args)
     try:
         evaluate(args)
     except (DataError, ModelError, TokenizerError) as exc:

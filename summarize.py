@@ -18,7 +18,7 @@ from data.errors import DataError, where
 from data.records import RecordError, add_format_args, format_from_args, json_type
 from engine.allocator import keep_freed_memory
 from engine.inference import DTYPES, load_for_inference, summarize_ids
-from engine.setup import pick_device
+from engine.setup import add_weight_packs_flag, apply_weight_packs_flag, pick_device
 from models.atomic import atomic_write_text
 from models.errors import ModelError
 
@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--device", default="auto")
+    add_weight_packs_flag(p)
     add_format_args(p)
     return p.parse_args(argv)
 
@@ -61,6 +62,7 @@ def read_records(name: str, text: str) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
+    apply_weight_packs_flag(args)
     try:
         name = "<stdin>" if args.input == "-" else args.input
         try:

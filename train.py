@@ -21,8 +21,9 @@ from engine.checkpointing import RunDir, RunDirError
 from engine.distributed import World, from_env
 from engine.lora import LoRAConfig
 from engine.plots import plot_run, plot_sweep
-from engine.setup import (DEFAULT_CACHE, build_model, check_vocabulary, is_preset, load_examples, offline_hint,
-                          pick_device, prepare_trainable, tokenize_examples)
+from engine.setup import (DEFAULT_CACHE, add_weight_packs_flag, apply_weight_packs_flag, build_model,
+                          check_vocabulary, is_preset, load_examples, offline_hint, pick_device, prepare_trainable,
+                          tokenize_examples)
 from engine.sweep import grid, run_sweep
 from engine.trainer import AMP_MODES, TrainConfig, TrainingError, train
 from models.bart import set_dropout
@@ -111,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    add_weight_packs_flag(p)
     p.add_argument("--keep-all-runs", action="store_true", help="in a sweep, keep every run's checkpoints")
     return p.parse_args(argv)
 
@@ -190,6 +192,7 @@ def print_summary(summary: dict, run: RunDir) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # steps re-allocate the same big buffers: keep them (engine/allocator.py)
+    apply_weight_packs_flag(args)
     try:
         world, args.device = from_env(args.device)
         if len(args.lr) * len(args.batch_size) * len(args.weight_decay) > 1:

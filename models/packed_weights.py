@@ -46,16 +46,28 @@ class _Entry:
         self.weight, self.version, self.data_ptr, self.packed = weight, version, data_ptr, packed
 
 
+# Off with `set_enabled(False)` (the scripts' --no-weight-packs): no weight gets a pack then.
+_enabled = True
+
 # id(weight) -> its pack. Keyed by id, not by the tensor (a tensor's == compares values); the
 # weakref's callback drops the entry when the weight is freed, so a reused id never finds a stale one.
 _packs: dict[int, _Entry] = {}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn packing on or off for the whole process; off also frees the packs made so far.
+    Everything then runs as it would without packs, in the same numbers, with less memory."""
+    global _enabled
+    _enabled = enabled
+    if not enabled:
+        _packs.clear()
 
 
 def can_pack(weight: Tensor) -> bool:
     """Packs are kept for Parameters only: a weight cast or computed per call (a LoRA factor in
     another dtype) is a new tensor each time, and packing it would cost more than it saves.
     Inference tensors carry no version counter, so a change to them could not be seen."""
-    return (AVAILABLE and isinstance(weight, torch.nn.Parameter) and weight.device.type == "cpu"
+    return (_enabled and AVAILABLE and isinstance(weight, torch.nn.Parameter) and weight.device.type == "cpu"
             and weight.dim() == 2 and not weight.is_inference())
 
 

@@ -11,6 +11,7 @@ import torch
 import evaluate
 import summarize
 import train
+from models import packed_weights
 from models.bart import BartForConditionalGeneration
 from models.checkpoint import save_pretrained
 from models.config import BartConfig
@@ -157,6 +158,28 @@ def test_evaluate_reports_metrics_and_writes_predictions(data_dir, tmp_path, cap
     assert [r["id"] for r in rows] == [r["id"] for r in test_records]
     assert all(set(r) == {"id", "source", "reference", "prediction"} for r in rows)
     assert "rougeLsum" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not packed_weights.BF16_AVAILABLE, reason="no oneDNN bf16 packs on this machine")
+def test_no_weight_packs_makes_evaluate_pack_nothing_and_changes_no_metric(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(packed_weights, "_enabled", True)  # main() sets it process-wide; restored after
+    packed = []
+    pack = packed_weights.prepacked
+    monkeypatch.setattr(packed_weights, "prepacked", lambda weight: packed.append(weight.shape) or pack(weight))
+    model_dir = tiny_checkpoint(tmp_path / "model", data_dir)
+
+    def metrics(*flags: str) -> dict:
+        out = tmp_path / f"metrics{len(flags)}.json"
+        assert evaluate.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--limit", "3", "--dtype",
+                              "bf16", "--metrics-out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c"),
+                              *flags]) == 0
+        return {k: v for k, v in json.loads(out.read_text()).items() if "runtime" not in k and "per_second" not in k}
+
+    with_packs = metrics()
+    packs_made = len(packed)
+    without = metrics("--no-weight-packs")
+    assert packs_made > 0 and len(packed) == packs_made  # the second run packed nothing
+    assert without == with_packs
 
 
 def test_evaluate_limit_and_loss_only(data_dir, tmp_path):

@@ -218,3 +218,18 @@ def test_a_model_cast_for_bf16_inference_runs_every_linear_on_a_pack_with_the_sa
         got = packed(ids, mask, labels=labels)
         expected = plain(ids, mask, labels=labels)
     assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+
+
+def test_packing_switched_off_makes_no_pack_and_frees_those_made(monkeypatch):
+    monkeypatch.setattr(packed_weights, "_enabled", True)  # restored after the test
+    weight = parameter(16, 8)
+    packed_weights.prepacked(weight)
+    packed_weights.set_enabled(False)
+    assert id(weight) not in packed_ids()
+    assert not packed_weights.can_pack(weight)
+    _, model = build_pair("d32-b")
+    model.requires_grad_(False)
+    ids, mask = padded_batch(model.config.vocab_size)
+    generate(model, ids, mask, **BASE)
+    cast_for_inference(model, torch.bfloat16)
+    assert not packed_ids()
