@@ -55,8 +55,8 @@ def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype, source: str | P
         return None
     for module in layers.values():
         module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-        if dtype == torch.bfloat16 and packed_weights.BF16_AVAILABLE and packed_weights.can_pack(module.weight):
-            packed_weights.prepacked(module.weight)  # the forward's products then skip oneDNN's reorder
+    # The forward's products then skip oneDNN's reorder of these weights in every call.
+    packed_weights.pack_for_linear(module.weight for module in layers.values())
     return originals
 
 

@@ -185,8 +185,7 @@ def cast_for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     if not dtype.is_floating_point:
         raise ModelError(f"cast_for_inference: {dtype} is not a floating-point dtype")
     model = model.to(dtype=dtype).eval().requires_grad_(False)
-    if dtype == torch.bfloat16 and packed_weights.BF16_AVAILABLE:
-        packed_weights.pack_linears(model)
+    packed_weights.pack_linears(model)  # bf16 weights only: those `linear` runs on
     return model
 
 

@@ -144,13 +144,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Give every Linear weight of `model` (a 2-D weight outside an embedding, LoRA's base
-    included) a pack that `linear` will run on."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Embedding) and isinstance(weight, Tensor) and can_pack(weight):
+def pack_for_linear(weights: Iterable[Tensor]) -> None:
+    """Pack each of `weights` that `linear` would run on: bf16 ones, where oneDNN runs bf16. Others
+    would only get a pack nothing reads."""
+    for weight in weights:
+        if weight.dtype == torch.bfloat16 and BF16_AVAILABLE and can_pack(weight):
             prepacked(weight)
+
+
+def pack_linears(model: nn.Module) -> None:
+    """`pack_for_linear` over every Linear weight of `model` (a 2-D weight outside an embedding,
+    LoRA's base included)."""
+    pack_for_linear(module.weight for module in model.modules()
+                    if not isinstance(module, nn.Embedding) and isinstance(getattr(module, "weight", None), Tensor))
 
 
 def release(weights: Iterable[Tensor]) -> None:
