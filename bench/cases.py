@@ -7,6 +7,10 @@ user runs: the model's own loss, `peft.get_peft_model`, `torch.optim.AdamW(fused
 Trainer's default optimizer on torch >= 2.8, with its bias/LayerNorm no-decay split),
 `model.generate`, `DataCollatorForSeq2Seq` over a random order (the Trainer's default sampler).
 Dropout is the config's 0.1, in training mode on both sides; LoRA dropout is 0 on both.
+
+Every case runs on one device, the CPU or a CUDA GPU (`--device`); both sides' models, batches
+and autocast live there. On a GPU the generation cases run bf16 weights on both sides (what a
+GPU user loads), where on the CPU they run fp32.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from engine.trainer import accumulate_gradients
 from models.checkpoint import save_pretrained
 from models.generate import cast_for_inference, generate
 
-CPU = torch.device("cpu")
 MAX_GRAD_NORM = 1.0
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 MTS_TRAINING = DATASETS / "mts-dialog" / "MTS-Dialog-TrainingSet.csv"
@@ -105,13 +108,13 @@ class Step:
 class OurStep(Step):
     """The product's step: token-normalised backward, clip, engine.optim.AdamW."""
 
-    def __init__(self, model, shapes: Shapes, autocast):
-        self.model, self.autocast, self.params = model, autocast, trainable(model)
+    def __init__(self, model, shapes: Shapes, autocast, device: torch.device):
+        self.model, self.autocast, self.device, self.params = model, autocast, device, trainable(model)
         self.optimizer = AdamW(param_groups_for_weight_decay(model, shapes.weight_decay), lr=shapes.lr,
                                weight_decay=shapes.weight_decay)
 
     def __call__(self, batch) -> float:
-        loss = accumulate_gradients(self.model, [batch], CPU, self.autocast, None)
+        loss = accumulate_gradients(self.model, [batch], self.device, self.autocast, None)
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -135,16 +138,16 @@ class TheirStep(Step):
         return float(loss.detach())
 
 
-def bf16_autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else None
+def bf16_autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
 
 
-def lora_pair(shapes: Shapes):
+def lora_pair(shapes: Shapes, device: torch.device):
     """(ours, theirs, theirs' base model) with rank-r LoRA on q_proj and v_proj, base weights frozen.
     Ours holds its frozen Linear weights in bf16, as `train()` does under bf16 autocast when the
     weights came from a model directory: so ours is saved to one first (engine/frozen_weights.py)."""
-    base = twins.hf_model(shapes)
-    ours = twins.our_twin(base)
+    base = twins.hf_model(shapes).to(device)
+    ours = twins.our_twin(base).to(device)
     base_dir = Path(tempfile.mkdtemp(prefix="medsum-bench-base-"))
     atexit.register(shutil.rmtree, base_dir, ignore_errors=True)
     save_pretrained(ours, base_dir / "model")
@@ -161,22 +164,27 @@ def hf_inputs(batch) -> dict:
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
 
 
+def twin_pair(shapes: Shapes, device: torch.device):
+    """(ours, theirs): the same random weights, on `device`."""
+    theirs = twins.hf_model(shapes).to(device)
+    return twins.our_twin(theirs).to(device), theirs
+
+
 # --- cases -------------------------------------------------------------------------------------
 
 
-def training(shapes: Shapes, lora: bool, bf16: bool) -> Setup:
+def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool) -> Setup:
     if lora:
-        ours, theirs, _ = lora_pair(shapes)
+        ours, theirs, _ = lora_pair(shapes, device)
     else:
-        theirs = twins.hf_model(shapes).train()
-        ours = twins.our_twin(theirs).train()
-    autocast = bf16_autocast(bf16)
-    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config)
+        ours, theirs = (model.train() for model in twin_pair(shapes, device))
+    autocast = bf16_autocast(bf16, device)
+    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config).to(device)
     m = flops.Dims.of(ours.config)
     per_sample = (flops.train_lora(m, shapes.source_len, shapes.target_len, shapes.lora_rank) if lora
                   else flops.train_full(m, shapes.source_len, shapes.target_len))
     work = Work(len(batch), twins.real_tokens(batch), per_sample * len(batch))
-    ours_step, theirs_step = OurStep(ours, shapes, autocast), TheirStep(theirs, shapes, autocast)
+    ours_step, theirs_step = OurStep(ours, shapes, autocast, device), TheirStep(theirs, shapes, autocast)
     inputs = hf_inputs(batch)
 
     def run_ours() -> Work:
@@ -193,17 +201,16 @@ def training(shapes: Shapes, lora: bool, bf16: bool) -> Setup:
                  shapes.lora_iters if lora else shapes.train_iters, sides)
 
 
-def evaluation(shapes: Shapes, bf16_weights: bool = False) -> Setup:
+def evaluation(shapes: Shapes, device: torch.device, bf16_weights: bool = False) -> Setup:
     """Ours with fp32 weights is validation inside train.py; with `bf16_weights` it is evaluate.py
     --dtype bf16, which loads the model through `cast_for_inference`. Theirs is Trainer's evaluation
     with bf16=True either way: autocast over fp32 weights."""
-    theirs = twins.hf_model(shapes).eval()
-    ours = twins.our_twin(theirs).eval()
+    ours, theirs = (model.eval() for model in twin_pair(shapes, device))
     if bf16_weights:
         cast_for_inference(ours, torch.bfloat16)
-    autocast = bf16_autocast(True)
+    autocast = bf16_autocast(True, device)
     split = twins.synthetic_split(shapes)
-    batch = twins.batch_of(split, ours.config)
+    batch = twins.batch_of(split, ours.config).to(device)
     m = flops.Dims.of(ours.config)
     work = Work(len(batch), twins.real_tokens(batch),
                 flops.evaluate(m, shapes.source_len, shapes.target_len) * len(batch))
@@ -212,7 +219,7 @@ def evaluation(shapes: Shapes, bf16_weights: bool = False) -> Setup:
     config = ours.config
 
     def run_ours() -> Work:
-        report = evaluate_loss(ours, split, shapes.batch_size, CPU, config.pad_token_id,
+        report = evaluate_loss(ours, split, shapes.batch_size, device, config.pad_token_id,
                                config.decoder_start_token_id, autocast)
         losses["ours"] = report.loss
         return work
@@ -232,10 +239,16 @@ def evaluation(shapes: Shapes, bf16_weights: bool = False) -> Setup:
     return Setup(title, "bf16", shapes.eval_iters, {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
 
 
-def generation(shapes: Shapes, beams: int) -> Setup:
-    theirs = twins.hf_model(shapes).eval()
-    ours = twins.our_twin(theirs).eval().requires_grad_(False)  # frozen, as load_for_inference loads it
-    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config)
+def generation(shapes: Shapes, device: torch.device, beams: int) -> Setup:
+    ours, theirs = twin_pair(shapes, device)
+    theirs.eval()
+    ours.eval().requires_grad_(False)  # frozen, as load_for_inference loads it
+    dtype = "fp32"
+    if device.type == "cuda":  # bf16 weights, as `--dtype bf16` / `torch_dtype=torch.bfloat16` load them
+        dtype = "bf16"
+        theirs.to(torch.bfloat16)
+        cast_for_inference(ours, torch.bfloat16)
+    batch = twins.batch_of(twins.synthetic_split(shapes), ours.config).to(device)
     settings = dict(GENERATION, num_beams=beams, max_length=shapes.new_tokens + 1,
                     min_length=shapes.new_tokens + 1)
     m = flops.Dims.of(ours.config)
@@ -257,7 +270,7 @@ def generation(shapes: Shapes, beams: int) -> Setup:
         return {"same_output": bool(a.shape == b.shape and torch.equal(a, b)), "output_shape": list(a.shape)}
 
     name = "greedy" if beams == 1 else f"beam-{beams}"
-    return Setup(f"{name} generation, {shapes.new_tokens} new tokens, fp32", "fp32", shapes.generate_iters,
+    return Setup(f"{name} generation, {shapes.new_tokens} new tokens, {dtype}", dtype, shapes.generate_iters,
                  {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
 
 
@@ -278,10 +291,10 @@ def mts_dialog_split(shapes: Shapes):
     return split, tokenizer
 
 
-def real_epoch(shapes: Shapes) -> Setup:
+def real_epoch(shapes: Shapes, device: torch.device) -> Setup:
     split, tokenizer = mts_dialog_split(shapes)
-    ours, theirs, base = lora_pair(shapes)
-    autocast = bf16_autocast(True)
+    ours, theirs, base = lora_pair(shapes, device)
+    autocast = bf16_autocast(True, device)
     config = ours.config
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save(tmp)
@@ -300,7 +313,7 @@ def real_epoch(shapes: Shapes) -> Setup:
     tokens = sum(len(s) + len(t) for s, t in zip(split.sources, split.targets))
     work = Work(len(split), tokens, sum(flops.train_lora(m, len(s), len(t), shapes.lora_rank)
                                         for s, t in zip(split.sources, split.targets)))
-    ours_step, theirs_step = OurStep(ours, shapes, autocast), TheirStep(theirs, shapes, autocast)
+    ours_step, theirs_step = OurStep(ours, shapes, autocast, device), TheirStep(theirs, shapes, autocast)
     epochs = {"ours": 0, "theirs": 0}
 
     def run_ours() -> Work:
@@ -311,7 +324,7 @@ def real_epoch(shapes: Shapes) -> Setup:
 
     def run_theirs() -> Work:
         for indices in their_batches(epochs["theirs"]):
-            theirs_step(collator([features[i] for i in indices]))
+            theirs_step(collator([features[i] for i in indices]).to(device))
         epochs["theirs"] += 1
         return work
 
@@ -327,7 +340,7 @@ def real_epoch(shapes: Shapes) -> Setup:
         return lambda: ours_step(collate(split, indices, config.pad_token_id, config.decoder_start_token_id))
 
     def step_theirs(indices: list[int]) -> Callable[[], None]:
-        return lambda: theirs_step(collator([features[i] for i in indices]))
+        return lambda: theirs_step(collator([features[i] for i in indices]).to(device))
 
     def checks() -> dict:
         return {"records": len(split), "real_tokens": tokens,
@@ -344,14 +357,14 @@ def real_epoch(shapes: Shapes) -> Setup:
                                 "memory: one step on the side's largest padded batch of the epoch"])
 
 
-CASES: dict[str, Callable[[Shapes], Setup]] = {
-    "lora_bf16": lambda s: training(s, lora=True, bf16=True),
-    "full_bf16": lambda s: training(s, lora=False, bf16=True),
-    "full_fp32": lambda s: training(s, lora=False, bf16=False),
+CASES: dict[str, Callable[[Shapes, torch.device], Setup]] = {
+    "lora_bf16": lambda s, d: training(s, d, lora=True, bf16=True),
+    "full_bf16": lambda s, d: training(s, d, lora=False, bf16=True),
+    "full_fp32": lambda s, d: training(s, d, lora=False, bf16=False),
     "eval_bf16": evaluation,
-    "eval_bf16_weights": lambda s: evaluation(s, bf16_weights=True),
-    "beam4": lambda s: generation(s, beams=4),
-    "greedy": lambda s: generation(s, beams=1),
+    "eval_bf16_weights": lambda s, d: evaluation(s, d, bf16_weights=True),
+    "beam4": lambda s, d: generation(s, d, beams=4),
+    "greedy": lambda s, d: generation(s, d, beams=1),
     "real_epoch": real_epoch,
 }
 
@@ -359,15 +372,20 @@ CASES: dict[str, Callable[[Shapes], Setup]] = {
 # --- measuring ---------------------------------------------------------------------------------
 
 
-def measure(setup: Setup, warmup: int) -> dict:
+def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu")) -> dict:
     """Warm-ups, then timed iterations with the sides alternated, then one memory pass per side.
 
-    Memory: the side's persistent state is dropped (optimizer moments), freed heap pages are
-    returned to the kernel, the RSS high-water mark is reset, and one iteration runs; its peak
-    RSS minus the RSS just before it is the side's memory (activations, gradients, optimizer
-    state, temporaries; not the shared weights). Every lazy one-time initialisation has
-    happened by then, on both sides.
+    On a GPU each timed iteration starts and ends with the device idle (synchronised), so its
+    wall time is the work's, queued kernels included.
+
+    Memory: the side's persistent state is dropped (optimizer moments), freed memory is handed
+    back (heap pages to the kernel; the CUDA caching allocator's blocks), the high-water mark is
+    reset, and one iteration runs; its peak minus the memory in use just before it is the
+    side's memory (activations, gradients, optimizer state, temporaries; not the shared
+    weights). On the CPU that is resident memory (RSS); on a GPU, the device memory PyTorch
+    allocated. Every lazy one-time initialisation has happened by then, on both sides.
     """
+    cuda = device.type == "cuda"
     times = {name: [] for name in setup.sides}
     work = {}
     for _ in range(warmup):
@@ -375,21 +393,35 @@ def measure(setup: Setup, warmup: int) -> dict:
             (side.warm or side.run)()
     for _ in range(setup.iters):
         for name, side in setup.sides.items():
+            if cuda:
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             work[name] = side.run()
+            if cuda:
+                torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
 
-    track = memory.can_reset_peak()
+    track = cuda or memory.can_reset_peak()
     peaks = {}
     for name, side in setup.sides.items():
         if side.reset is not None:
             side.reset()
         memory.release_free_memory()
-        if track:
-            memory.reset_peak()
-        base = memory.rss_mb()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            if track:
+                memory.reset_peak()
+            base = memory.rss_mb()
         (side.memory or side.run)()
-        peaks[name] = memory.peak_mb() - base if track else None
+        if cuda:
+            torch.cuda.synchronize(device)
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 - base
+        else:
+            peaks[name] = memory.peak_mb() - base if track else None
 
     out = {}
     for name in setup.sides:

@@ -87,21 +87,25 @@ def generate(m: Dims, s: int, new_tokens: int, beams: int) -> float:
     return encoder + beams * (cross_kv + new_tokens * per_step + attention)
 
 
-def matmul_peak(n: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul in `dtype` on the current threads, by either CPU
+def matmul_peak(n: int, dtype: torch.dtype, reps: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Best FLOP/s of an n x n x n matmul in `dtype`. On the CPU, on the current threads, by either
     library: `torch.mm` (MKL for float32) or oneDNN's linear, which generation uses and which is
-    the faster of the two for float32 on some CPUs (AMD EPYC here)."""
+    the faster of the two for float32 on some CPUs (AMD EPYC here). On a GPU, `torch.mm` with
+    PyTorch's default settings (float32 without TF32, as both sides' fp32 cases run)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)  # random: zeros run faster on GPUs
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     kernels = [lambda: torch.mm(a, b)]
-    if OneDNNLinear.available and dtype in OneDNNLinear.dtypes:
+    if device.type == "cpu" and OneDNNLinear.available and dtype in OneDNNLinear.dtypes:
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     for kernel in kernels:
         kernel()  # first call pays for kernel selection / packing setup
+        sync()
         for _ in range(reps):
             start = time.perf_counter()
             kernel()
+            sync()
             best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best

@@ -45,11 +45,22 @@ def version(package: str) -> str:
         return "not installed"
 
 
-def machine(threads: int) -> dict:
-    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
+def gpu_model() -> str:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+            f"CUDA {torch.version.cuda}")
+
+
+def machine(threads: int, device: str = "cpu") -> dict:
+    info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "torch": version("torch"),
             "transformers": version("transformers"), "peft": version("peft"),
-            "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_start": [round(x, 2) for x in os.getloadavg()], "device": device}
+    if device == "cuda":
+        info["gpu"] = gpu_model()
+    return info
 
 
 def derive(result: dict) -> dict:
@@ -113,6 +124,8 @@ def case_notes(results: list[dict]) -> str:
             f"{', '.join(f'{x:.3f}' for x in o['seconds'])}; theirs {', '.join(f'{x:.3f}' for x in t['seconds'])}. "
             f"{o['flops'] / 1e9:.1f} GFLOP per iteration; peak fp32 {peak['fp32'] / 1e9:.0f}, "
             f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; RSS after setup {r['rss_after_setup_mb']:.0f} MB; "
+            + (f"GPU memory after setup {r['gpu_allocated_after_setup_mb']:.0f} MB, the process's GPU peak "
+               f"(reserved) {r['gpu_process_peak_mb']:.0f} MB; " if "gpu_allocated_after_setup_mb" in r else "") +
             f"other processes used {r.get('other_processes_cores', float('nan')):.2f} cores meanwhile"
             + (f"; {extra}" if extra else "") + "."
             + (f" Ratio in each of {len(r['process_ratios'])} processes: "
@@ -150,7 +163,9 @@ def markdown(results: list[dict], info: dict, command: str, mode: str = "full") 
               "judged on the full mode):" if mode == "quick" else "Targets:")
     return "\n\n".join([
         f"Command: `{command}`",
-        f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads; "
+        (f"Device: GPU {info['gpu']} (both sides; memory columns are GPU memory allocated).\n\n"
+         if info.get("gpu") else "")
+        + f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads; "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"peft {info['peft']}; allocator: {info.get('allocator', 'glibc defaults')}; load average at start {info['load_average_start']}, "
         f"at end {info.get('load_average_end')}; total {info.get('wall_s', 0):.0f} s.",

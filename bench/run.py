@@ -1,6 +1,6 @@
 """Benchmark medsum against Transformers + PEFT, side by side.
 
-    python -m bench.run [--quick] [--cases lora_bf16,beam4,...] [--threads 2]
+    python -m bench.run [--quick] [--cases lora_bf16,beam4,...] [--threads 2] [--device cuda]
                         [--json results.json] [--markdown results.md]
     python -m bench.run --profile lora_bf16 [--profile-side ours|theirs] [--quick]
 
@@ -39,29 +39,34 @@ def _setup_torch(threads: int):
     return torch
 
 
-def run_child(case: str, mode: str, threads: int, result_path: Path) -> None:
+def run_child(case: str, mode: str, threads: int, result_path: Path, device_name: str = "cpu") -> None:
     """One case, both sides, in this process; the result is written as JSON to `result_path`."""
     torch = _setup_torch(threads)
     from bench import cases, flops, memory
-    from bench.shapes import MODES
+    from bench.shapes import MODES, on_gpu
 
-    shapes = MODES[mode]
-    result = {"case": case, "mode": mode, "threads": threads}
+    device = torch.device(device_name)
+    shapes = MODES[mode] if device.type == "cpu" else on_gpu(MODES[mode])
+    result = {"case": case, "mode": mode, "threads": threads, "device": device_name}
     def peaks() -> dict:
-        return {"fp32": flops.matmul_peak(shapes.peak_matmul_n, torch.float32),
-                "bf16": flops.matmul_peak(shapes.peak_matmul_n, torch.bfloat16)}
+        return {"fp32": flops.matmul_peak(shapes.peak_matmul_n, torch.float32, device=device),
+                "bf16": flops.matmul_peak(shapes.peak_matmul_n, torch.bfloat16, device=device)}
 
     result["matmul_peak_flops"] = peaks()
     try:
-        setup = cases.CASES[case](shapes)
+        setup = cases.CASES[case](shapes, device)
     except cases.Skip as skip:
         result["skipped"] = str(skip)
     else:
         result.update(title=setup.title, dtype=setup.dtype, notes=setup.notes,
                       rss_after_setup_mb=memory.rss_mb())
-        result["sides"] = cases.measure(setup, shapes.warmup)
+        if device.type == "cuda":
+            result["gpu_allocated_after_setup_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        result["sides"] = cases.measure(setup, shapes.warmup, device)
         result["checks"] = setup.checks()
         result["process_peak_mb"] = memory.process_peak_mb()
+        if device.type == "cuda":
+            result["gpu_process_peak_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         # the machine's peak is the best reading, before or after the case (others share the CPU)
         after = peaks()
         result["matmul_peak_flops"] = {k: max(v, after[k]) for k, v in result["matmul_peak_flops"].items()}
@@ -93,12 +98,12 @@ def wait_until_idle(max_wait: float, threads: int, window: float = 3.0) -> float
             return time.perf_counter() - start
 
 
-def run_case(case: str, quick: bool, threads: int, keep_freed: bool = False) -> dict:
+def run_case(case: str, quick: bool, threads: int, keep_freed: bool = False, device: str = "cpu") -> dict:
     """Run one case in a child process; also note how much CPU *other* processes used meanwhile."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "bench.run", "--child", case, "--result", str(out),
-                   "--threads", str(threads)] + (["--quick"] if quick else []) + (
+                   "--threads", str(threads), "--device", device] + (["--quick"] if quick else []) + (
                    ["--keep-freed-memory"] if keep_freed else [])
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         busy, ours, start = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
@@ -113,19 +118,26 @@ def run_case(case: str, quick: bool, threads: int, keep_freed: bool = False) -> 
         return result
 
 
-def profile(case: str, mode: str, threads: int, side: str, iters: int, rows: int) -> str:
+def profile(case: str, mode: str, threads: int, side: str, iters: int, rows: int, device_name: str = "cpu") -> str:
     torch = _setup_torch(threads)
     from bench import cases
     from bench.shapes import MODES
 
-    setup = cases.CASES[case](MODES[mode])
+    device = torch.device(device_name)
+    setup = cases.CASES[case](MODES[mode], device)
     chosen = setup.sides[side]
     (chosen.warm or chosen.run)()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(iters):
             chosen.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return (f"{setup.title}: {side}, {iters} iteration(s)\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+            + prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 def parse_cases(text: str) -> list[str]:
@@ -144,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(CASE_NAMES)}")
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: 2; 1 with --quick, "
                         "where tiny ops gain nothing from a second thread and its barriers add noise)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides run (default: cpu). cuda: the first GPU, bf16 generation, "
+                        "more timed iterations (bench/shapes.py on_gpu), GPU memory in the memory columns")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each case, wait up to this long for other processes to leave the CPU idle")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -169,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be at least 1")
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: PyTorch sees no CUDA device here")
 
     if args.keep_freed_memory and (args.child or args.profile):
         # what train.py and evaluate.py do; process-wide, so it applies to both sides alike
@@ -177,15 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         if args.result is None:
             parser.error("--child needs --result")
-        run_child(args.child, mode, args.threads, args.result)
+        run_child(args.child, mode, args.threads, args.result, args.device)
         return 0
     if args.profile:
-        print(profile(args.profile, mode, args.threads, args.profile_side, args.profile_iters, args.profile_rows))
+        print(profile(args.profile, mode, args.threads, args.profile_side, args.profile_iters, args.profile_rows,
+                      args.device))
         return 0
 
     from bench import report
 
-    info = report.machine(args.threads)
+    info = report.machine(args.threads, args.device)
     info["allocator"] = ("glibc, freed memory kept for both sides (--keep-freed-memory)" if args.keep_freed_memory
                          else "glibc defaults for both sides")
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         case_start, runs, waited = time.perf_counter(), [], 0.0
         for _ in range(args.processes):
             waited += wait_until_idle(args.wait_idle, args.threads) if args.wait_idle > 0 else 0.0
-            runs.append(report.derive(run_case(case, args.quick, args.threads, args.keep_freed_memory)))
+            runs.append(report.derive(run_case(case, args.quick, args.threads, args.keep_freed_memory, args.device)))
         result = report.median_process(runs)
         result["waited_for_idle_s"] = waited
         results.append(result)

@@ -70,3 +70,23 @@ def test_processes_must_be_at_least_one(capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--processes", "0"])
     assert "--processes must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_device_cuda_without_a_gpu_is_a_usage_error_saying_so(capsys):
+    from bench.run import main
+    with pytest.raises(SystemExit) as exited:
+        main(["--quick", "--device", "cuda"])
+    assert exited.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
+    from dataclasses import asdict
+
+    from bench.shapes import FULL, on_gpu
+    gpu = on_gpu(FULL)
+    timing = {"warmup", "lora_iters", "train_iters", "eval_iters", "generate_iters", "real_epochs", "peak_matmul_n"}
+    assert {k: v for k, v in asdict(gpu).items() if k not in timing} == {
+        k: v for k, v in asdict(FULL).items() if k not in timing}
+    assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
