@@ -6,7 +6,8 @@ their state dicts are interchangeable: per-parameter `step` (float32 CPU tensor)
 `exp_avg`, `exp_avg_sq`.
 
 On the CPU the update runs over cache-sized slices with one reused scratch buffer (no allocation
-per step). Big fp32 CPU models can instead use one `torch.compile`d pass per parameter
+per step). On a GPU it runs foreach ops over runs of at most GPU_CHUNK_NUMEL elements, so its one
+temporary (the denominator) stays small. Big fp32 CPU models can instead use one `torch.compile`d pass per parameter
 (`compile=None` does so from COMPILE_MIN_NUMEL trainable elements): ~3x faster than the eager
 ops, equal to them within 1e-6, at a one-off compile of ~15 s. If compiling fails, the optimizer
 warns once and goes on with the eager ops.
@@ -26,6 +27,7 @@ from torch import nn
 EMBEDDING_NAMES = ("embed_tokens", "embed_positions", "shared")
 LAYER_NORM_NAMES = ("layer_norm", "layernorm")
 CPU_CHUNK_NUMEL = 1 << 16  # elements per CPU slice: its param, grad, moments and scratch stay in L2
+GPU_CHUNK_NUMEL = 1 << 25  # elements per GPU run of foreach ops: a denominator of at most 128 MB fp32
 COMPILE_MIN_NUMEL = 20_000_000  # fp32 CPU elements per step that repay the one-off compile
 
 
@@ -177,19 +179,46 @@ def _compiled_adamw():
 
 def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper) -> None:
-    """GPU: each foreach op is a few kernel launches for all tensors."""
+    """GPU: each foreach op is a few kernel launches for a run of tensors (`_runs`)."""
     # a 0-d tensor increment avoids re-wrapping the scalar 1 for every CPU step tensor
     torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    if hyper.weight_decay != 0.0:
-        torch._foreach_mul_(params, hyper.decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - hyper.beta1)
-    torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - hyper.beta2)
+    times = [s.item() for s in steps]
+    for ps, gs, ms, vs, ts in _runs(params, grads, exp_avgs, exp_avg_sqs, times, GPU_CHUNK_NUMEL):
+        if hyper.weight_decay != 0.0:
+            torch._foreach_mul_(ps, hyper.decay)
+        torch._foreach_lerp_(ms, gs, 1.0 - hyper.beta1)
+        torch._foreach_mul_(vs, hyper.beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1.0 - hyper.beta2)
 
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [hyper.bias_correction2_sqrt(s.item()) for s in steps])
-    torch._foreach_add_(denom, hyper.eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [hyper.step_size(s.item()) for s in steps])
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [hyper.bias_correction2_sqrt(t) for t in ts])
+        torch._foreach_add_(denom, hyper.eps)
+        torch._foreach_addcdiv_(ps, ms, denom, [hyper.step_size(t) for t in ts])
+        del denom  # else it is still held while the next run's is allocated: two at the peak
+
+
+def _runs(params, grads, exp_avgs, exp_avg_sqs, times: list[float], limit: int):
+    """(params, grads, exp_avgs, exp_avg_sqs, times) lists of at most `limit` elements in all: a big
+    tensor as flat slices, small ones grouped. The update is elementwise, so this changes no bit;
+    it bounds the denominator's temporary, which over a whole group was as large as the group.
+    Full fine-tune at distilbart-cnn-12-6 shapes on an H100: step peak 4045 -> 3702 MiB (fused
+    torch AdamW: 3496); the optimizer step alone took as long either way (11-12 ms)."""
+    run, size = [[], [], [], [], []], 0
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, times):
+        if all(x.is_contiguous() for x in (p, g, m, v)):
+            flat = [x.view(-1) for x in (p, g, m, v)]
+            pieces = [tuple(x[i:i + limit] for x in flat) for i in range(0, p.numel(), limit)]
+        else:  # rare: the whole tensor, however big
+            pieces = [(p, g, m, v)]
+        for piece in pieces:
+            if size and size + piece[0].numel() > limit:
+                yield run
+                run, size = [[], [], [], [], []], 0
+            for lst, x in zip(run, (*piece, t)):
+                lst.append(x)
+            size += piece[0].numel()
+    if run[0]:
+        yield run
 
 
 def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

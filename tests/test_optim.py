@@ -63,9 +63,11 @@ def test_adamw_matches_torch_adamw_for_100_steps(monkeypatch, cpu_chunk_numel):
     assert not torch.equal(ours_params[0], make_params()[0])  # it did move
 
 
-def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypatch):
-    # The GPU path (whole-list foreach ops) never runs on a CPU machine otherwise: route CPU
-    # tensors through it so it is checked here too.
+@pytest.mark.parametrize("gpu_chunk_numel", [1 << 25, 7])  # one run per group; many runs and slices
+def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypatch, gpu_chunk_numel):
+    # The GPU path (foreach ops over runs of tensors) never runs on a CPU machine otherwise: route
+    # CPU tensors through it so it is checked here too.
+    monkeypatch.setattr(optim, "GPU_CHUNK_NUMEL", gpu_chunk_numel)
     monkeypatch.setattr(optim, "_adamw_update_cpu", lambda *lists_hyper, **_: optim._adamw_update(*lists_hyper[:6]))
     ours_params, torch_params = make_params(), make_params()
     ours = AdamW(make_groups(ours_params), compile=False)
@@ -74,6 +76,31 @@ def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypa
     run_steps(reference, torch_params, range(100))
     for a, b in zip(ours_params, torch_params):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_gpu_update_in_bounded_runs_is_bit_identical_to_one_run_and_counts_each_step_once(monkeypatch):
+    def after_steps(limit: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(optim, "GPU_CHUNK_NUMEL", limit)
+        monkeypatch.setattr(optim, "_adamw_update_cpu", lambda *lists_hyper, **_: optim._adamw_update(*lists_hyper[:6]))
+        params = make_params()
+        opt = AdamW(make_groups(params), compile=False)
+        run_steps(opt, params, range(20))
+        # parameter 1 has no gradient in 3 of the 20 steps (fill_grads); sliced ones still count one per step
+        assert [float(opt.state[p]["step"]) for p in params] == [17.0 if i == 1 else 20.0 for i in range(len(params))]
+        return params
+
+    whole, sliced = after_steps(1 << 25), after_steps(5)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+
+
+def test_gpu_runs_hold_at_most_the_limit_and_cover_every_element():
+    tensors = [torch.randn(3, 4), torch.randn(10), torch.randn(2, 3).t(), torch.randn(1)]
+    grads = [t.clone() for t in tensors]
+    runs = list(optim._runs(tensors, grads, grads, grads, [1.0, 2.0, 3.0, 4.0], limit=5))
+    for params, *_ in runs:
+        assert sum(p.numel() for p in params) <= 5 or len(params) == 1  # a strided tensor goes whole
+    assert sum(p.numel() for params, *_ in runs for p in params) == sum(t.numel() for t in tensors)
+    assert [t for *_, times in runs for t in times][-1] == 4.0
 
 
 def test_adamw_matches_torch_adamw_in_bfloat16():
