@@ -110,7 +110,12 @@ def usable_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None
     gradient; else None.
     An fp32 pack is used only inside generation's `OneDNNLinear`: F.linear runs fp32 on MKL, in
     another summation order, and training must not change its numbers after a generate call."""
-    if (id(weight) not in _packs or weight.dtype != torch.bfloat16 or not BF16_AVAILABLE
+    if id(weight) not in _packs:
+        return None
+    if weight.device.type != "cpu":  # `Module.to("cuda")` keeps the Parameter: its CPU pack is dead weight
+        _packs.pop(id(weight), None)
+        return None
+    if (weight.dtype != torch.bfloat16 or not BF16_AVAILABLE
             or x.device.type != "cpu" or not x.is_contiguous()):  # strided: F.linear adds the bias apart
         return None
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):

@@ -233,3 +233,16 @@ def test_packing_switched_off_makes_no_pack_and_frees_those_made(monkeypatch):
     generate(model, ids, mask, **BASE)
     cast_for_inference(model, torch.bfloat16)
     assert not packed_ids()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_weight_moved_to_the_gpu_drops_its_cpu_pack_at_its_first_product_there():
+    layer = packed_weights.Linear(64, 96).requires_grad_(False)
+    weight = layer.weight
+    packed_weights.prepacked(weight)
+    layer.to("cuda")
+    assert layer.weight is weight  # `.to` moved the data, so the pack's entry is still alive
+    x = torch.randn(4, 64, device="cuda")
+    out = layer(x)
+    assert id(weight) not in packed_weights._packs
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
