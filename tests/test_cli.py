@@ -172,7 +172,7 @@ def test_no_weight_packs_makes_evaluate_pack_nothing_and_changes_no_metric(data_
         out = tmp_path / f"metrics{len(flags)}.json"
         assert evaluate.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--limit", "3", "--dtype",
                               "bf16", "--metrics-out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c"),
-                              *flags]) == 0
+                              "--device", "cpu", *flags]) == 0  # packs are CPU-only; auto picks a GPU
         return {k: v for k, v in json.loads(out.read_text()).items() if "runtime" not in k and "per_second" not in k}
 
     with_packs = metrics()

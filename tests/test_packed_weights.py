@@ -28,17 +28,28 @@ def parameter(rows: int, columns: int, dtype=torch.float32, seed: int = 0) -> nn
     return nn.Parameter(torch.randn(rows, columns, generator=g).to(dtype), requires_grad=False)
 
 
+def assert_same_product(packed_result, plain_result):
+    """bf16: bit for bit, which training relies on (`linear` runs bf16 packs only). fp32: to
+    rounding. On this project's AMD EPYC fp32 is bit for bit too, but on an Intel Xeon with AMX
+    (an H100 host, session 8) oneDNN ran the plain fp32 weight on other kernels at 1 and 4 rows.
+    Generation, the only user of fp32 packs, is checked against Transformers' ids instead."""
+    if packed_result.dtype == torch.bfloat16:
+        assert torch.equal(packed_result, plain_result)
+    else:
+        torch.testing.assert_close(packed_result, plain_result, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 4, 16, 300])
-def test_packed_weight_gives_the_plain_weights_products_bit_for_bit(dtype, rows):
+def test_packed_weight_gives_the_plain_weights_products(dtype, rows):
     weight = parameter(96, 64, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, rows, 64, generator=g).to(dtype)
     bias = torch.randn(96, generator=g).to(dtype)
     packed = packed_weights.prepacked(weight)
     assert packed.is_mkldnn  # a real pack, not the weight handed back
-    assert torch.equal(linear(x, packed, bias), linear(x, weight, bias))
-    assert torch.equal(linear(x, packed), linear(x, weight))
+    assert_same_product(linear(x, packed, bias), linear(x, weight, bias))
+    assert_same_product(linear(x, packed), linear(x, weight))
 
 
 def test_a_pack_is_made_once_and_reused_while_the_weight_is_unchanged():
@@ -54,12 +65,12 @@ def test_an_in_place_change_or_a_new_storage_gets_a_new_pack():
         weight.mul_(2.0)  # as an optimizer step or LoRA's merge would
     second = packed_weights.prepacked(weight)
     assert second is not first
-    assert torch.equal(linear(x, second), linear(x, weight.detach().clone()))
+    assert_same_product(linear(x, second), linear(x, weight.detach().clone()))
 
     weight.data = torch.randn(32, 16)  # what Module.to() does; the version counter stays the same
     third = packed_weights.prepacked(weight)
     assert third is not second
-    assert torch.equal(linear(x, third), linear(x, weight.detach().clone()))
+    assert_same_product(linear(x, third), linear(x, weight.detach().clone()))
 
 
 def test_a_pack_is_freed_with_its_weight():
