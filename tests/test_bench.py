@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.report import median_process
 
@@ -72,7 +73,7 @@ def test_processes_must_be_at_least_one(capsys):
     assert "--processes must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given where there is no GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_device_cuda_without_a_gpu_is_a_usage_error_saying_so(capsys):
     from bench.run import main
     with pytest.raises(SystemExit) as exited:
