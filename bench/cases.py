@@ -142,12 +142,17 @@ def bf16_autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
 
 
+def twin_pair(shapes: Shapes, device: torch.device):
+    """(ours, theirs): the same random weights, on `device`."""
+    theirs = twins.hf_model(shapes).to(device)
+    return twins.our_twin(theirs).to(device), theirs
+
+
 def lora_pair(shapes: Shapes, device: torch.device):
     """(ours, theirs, theirs' base model) with rank-r LoRA on q_proj and v_proj, base weights frozen.
     Ours holds its frozen Linear weights in bf16, as `train()` does under bf16 autocast when the
     weights came from a model directory: so ours is saved to one first (engine/frozen_weights.py)."""
-    base = twins.hf_model(shapes).to(device)
-    ours = twins.our_twin(base).to(device)
+    ours, base = twin_pair(shapes, device)
     base_dir = Path(tempfile.mkdtemp(prefix="medsum-bench-base-"))
     atexit.register(shutil.rmtree, base_dir, ignore_errors=True)
     save_pretrained(ours, base_dir / "model")
@@ -162,12 +167,6 @@ def lora_pair(shapes: Shapes, device: torch.device):
 
 def hf_inputs(batch) -> dict:
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-
-
-def twin_pair(shapes: Shapes, device: torch.device):
-    """(ours, theirs): the same random weights, on `device`."""
-    theirs = twins.hf_model(shapes).to(device)
-    return twins.our_twin(theirs).to(device), theirs
 
 
 # --- cases -------------------------------------------------------------------------------------
