@@ -135,7 +135,7 @@ def profile(case: str, mode: str, threads: int, side: str, iters: int, rows: int
             chosen.run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return (f"{setup.title}: {side}, {iters} iteration(s)\n"
             + prof.key_averages().table(sort_by=sort, row_limit=rows))
 
