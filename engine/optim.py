@@ -7,9 +7,10 @@ their state dicts are interchangeable: per-parameter `step` (float32 CPU tensor)
 
 On the CPU the update runs over cache-sized slices with one reused scratch buffer (no allocation
 per step). On a GPU it runs foreach ops over runs of at most GPU_CHUNK_NUMEL elements, so its one
-temporary (the denominator) stays small. Big fp32 CPU models can instead use one `torch.compile`d pass per parameter
-(`compile=None` does so from COMPILE_MIN_NUMEL trainable elements): ~3x faster than the eager
-ops, equal to them within 1e-6, at a one-off compile of ~15 s. If compiling fails, the optimizer
+temporary (the denominator) stays small. Big fp32 CPU models can instead use one
+`torch.compile`d pass per parameter (`compile=None` does so from COMPILE_MIN_NUMEL trainable
+elements): ~3x faster than the eager ops, equal to them within 1e-6, at a one-off compile of
+~15 s. If compiling fails, the optimizer
 warns once and goes on with the eager ops.
 """
 
@@ -205,12 +206,7 @@ def _runs(params, grads, exp_avgs, exp_avg_sqs, times: list[float], limit: int):
     torch AdamW: 3496); the optimizer step alone took as long either way (11-12 ms)."""
     run, size = [[], [], [], [], []], 0
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, times):
-        if all(x.is_contiguous() for x in (p, g, m, v)):
-            flat = [x.view(-1) for x in (p, g, m, v)]
-            pieces = [tuple(x[i:i + limit] for x in flat) for i in range(0, p.numel(), limit)]
-        else:  # rare: the whole tensor, however big
-            pieces = [(p, g, m, v)]
-        for piece in pieces:
+        for piece in _slices((p, g, m, v), limit):
             if size and size + piece[0].numel() > limit:
                 yield run
                 run, size = [[], [], [], [], []], 0
@@ -219,6 +215,15 @@ def _runs(params, grads, exp_avgs, exp_avg_sqs, times: list[float], limit: int):
             size += piece[0].numel()
     if run[0]:
         yield run
+
+
+def _slices(tensors: tuple[torch.Tensor, ...], limit: int):
+    """Matching flat slices of at most `limit` elements of same-shaped `tensors` (a parameter, its
+    gradient and moments); the tensors whole if any is not contiguous (rare)."""
+    if not all(x.is_contiguous() for x in tensors):
+        return [tensors]
+    flat = [x.view(-1) for x in tensors]
+    return (tuple(x[i:i + limit] for x in flat) for i in range(0, tensors[0].numel(), limit))
 
 
 def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -232,12 +237,7 @@ def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp
         step += 1
         t = step.item()
         step_size, bias_correction2_sqrt = hyper.step_size(t), hyper.bias_correction2_sqrt(t)
-        if not all(x.is_contiguous() for x in (p, g, m, v)):  # rare: one whole-tensor pass, no slicing
-            slices = [(p, g, m, v)]
-        else:
-            flat = [x.view(-1) for x in (p, g, m, v)]
-            slices = (tuple(x[i:i + CPU_CHUNK_NUMEL] for x in flat) for i in range(0, p.numel(), CPU_CHUNK_NUMEL))
-        for ps, gs, ms, vs in slices:
+        for ps, gs, ms, vs in _slices((p, g, m, v), CPU_CHUNK_NUMEL):
             # one-tensor foreach ops, not Tensor.mul_ etc.: for bf16 they round the scalar to bf16
             # first, and matching that keeps us bit-identical to torch.optim.AdamW
             ps_, gs_, ms_, vs_ = [ps], [gs], [ms], [vs]
