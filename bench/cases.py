@@ -383,6 +383,10 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     side's memory (activations, gradients, optimizer state, temporaries; not the shared
     weights). On the CPU that is resident memory (RSS); on a GPU, the device memory PyTorch
     allocated. Every lazy one-time initialisation has happened by then, on both sides.
+
+    A side with persistent state first gets the same pass with its state kept (`steady_peak_mb`):
+    what every step after the first adds on top of weights and moments. That is what sets a
+    training run's peak, since the moments outlive every step; the first step's peak creates them.
     """
     cuda = device.type == "cuda"
     times = {name: [] for name in setup.sides}
@@ -400,27 +404,13 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
                 torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
 
-    track = cuda or memory.can_reset_peak()
-    peaks = {}
+    peaks, steady_peaks = {}, {}
     for name, side in setup.sides.items():
+        steady_peaks[name] = None
         if side.reset is not None:
+            steady_peaks[name] = memory_pass(side, device)
             side.reset()
-        memory.release_free_memory()
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device) / 2**20
-        else:
-            if track:
-                memory.reset_peak()
-            base = memory.rss_mb()
-        (side.memory or side.run)()
-        if cuda:
-            torch.cuda.synchronize(device)
-            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 - base
-        else:
-            peaks[name] = memory.peak_mb() - base if track else None
+        peaks[name] = memory_pass(side, device)
 
     out = {}
     for name in setup.sides:
@@ -428,5 +418,27 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
         w = work[name]
         out[name] = {"seconds": times[name], "median_s": median, "samples_per_s": w.samples / median,
                      "tokens_per_s": w.tokens / median, "flops": w.flops, "flops_per_s": w.flops / median,
-                     "peak_mb": peaks[name]}
+                     "peak_mb": peaks[name], "steady_peak_mb": steady_peaks[name]}
     return out
+
+
+def memory_pass(side: Side, device: torch.device) -> float | None:
+    """MB one iteration of `side` adds at its peak over what was in use before it (see `measure`);
+    None where the kernel cannot reset the CPU high-water mark."""
+    memory.release_free_memory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+        (side.memory or side.run)()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    try:
+        memory.reset_peak()
+    except OSError:  # no /proc/self/clear_refs to write (some containers)
+        (side.memory or side.run)()
+        return None
+    base = memory.rss_mb()
+    (side.memory or side.run)()
+    return memory.peak_mb() - base

@@ -35,14 +35,6 @@ def peak_mb() -> float:
     return _status_kb("VmHWM") / 1024
 
 
-def can_reset_peak() -> bool:
-    try:
-        reset_peak()
-        return True
-    except OSError:
-        return False
-
-
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -127,11 +127,20 @@ def case_notes(results: list[dict]) -> str:
             + (f"GPU memory after setup {r['gpu_allocated_after_setup_mb']:.0f} MB, the process's GPU peak "
                f"(reserved) {r['gpu_process_peak_mb']:.0f} MB; " if "gpu_allocated_after_setup_mb" in r else "") +
             f"other processes used {r.get('other_processes_cores', float('nan')):.2f} cores meanwhile"
+            + steady_memory(o, t)
             + (f"; {extra}" if extra else "") + "."
             + (f" Ratio in each of {len(r['process_ratios'])} processes: "
                f"{', '.join(f'{x:.2f}x' for x in r['process_ratios'])} (this row: the median one)."
                if "process_ratios" in r else ""))
     return "\n".join(lines)
+
+
+def steady_memory(ours: dict, theirs: dict) -> str:
+    """The note on a training case's later steps (optimizer state kept; bench.cases.measure)."""
+    o, t = ours.get("steady_peak_mb"), theirs.get("steady_peak_mb")
+    if o is None or not t:
+        return ""
+    return f"; a later step (optimizer state kept) adds ours {o:.0f}, theirs {t:.0f} MB ({o / t:.2f})"
 
 
 def _fmt(v) -> str:

@@ -31,11 +31,43 @@ def test_quick_benchmark_reports_both_sides_with_positive_throughput(tmp_path):
         for side in (ours, theirs):
             assert side["samples_per_s"] > 0 and side["tokens_per_s"] > side["samples_per_s"]
             assert side["peak_mb"] is None or side["peak_mb"] >= 0
+        # only the training case keeps state (optimizer moments) between iterations
+        steady = [side["steady_peak_mb"] for side in (ours, theirs)]
+        if r["case"] == "lora_bf16":
+            assert all(mb is None or mb >= 0 for mb in steady)
+        else:
+            assert steady == [None, None]
         assert r["ratio"] == ours["samples_per_s"] / theirs["samples_per_s"]
         assert 0 < r["ours_frac"] < 1.5  # analytic FLOPs over the measured matmul peak
     # same weights, same settings: beam search must pick the same tokens on both sides
     assert results["beam4"]["checks"]["same_output"] is True
     assert "| lora_bf16 |" in table and "| beam4 |" in table and "Targets" in table
+
+
+def test_memory_counts_state_an_iteration_creates_only_in_the_first_pass():
+    from bench.cases import Setup, Side, Work, measure
+
+    kept_mib, temporary_mib = 48, 12
+    state: dict[str, torch.Tensor] = {}
+
+    def step() -> Work:
+        if "moments" not in state:  # created by the first step, kept by later ones (an optimizer's moments)
+            state["moments"] = torch.ones(kept_mib * 2**20 // 4)
+        temporary = torch.ones(temporary_mib * 2**20 // 4)  # activations, freed when the step ends
+        return Work(1, 1, float(temporary.numel()))
+
+    def stateless() -> Work:
+        torch.ones(temporary_mib * 2**20 // 4)
+        return Work(1, 1, 1.0)
+
+    setup = Setup("fake", "fp32", 1, {"ours": Side(step, reset=state.clear), "theirs": Side(stateless)})
+    out = measure(setup, warmup=1)
+    ours, theirs = out["ours"], out["theirs"]
+    if ours["peak_mb"] is None:
+        pytest.skip("this kernel cannot reset the RSS high-water mark")
+    assert ours["peak_mb"] >= kept_mib + temporary_mib - 4  # the first pass creates the moments again
+    assert temporary_mib - 4 <= ours["steady_peak_mb"] < kept_mib  # a later step only adds its temporaries
+    assert theirs["steady_peak_mb"] is None and temporary_mib - 4 <= theirs["peak_mb"] < kept_mib
 
 
 def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
