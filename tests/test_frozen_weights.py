@@ -65,6 +65,7 @@ def test_training_with_bf16_frozen_weights_equals_fp32_frozen_weights_and_saves_
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), (which, key)
     for (name, a), (_, b) in zip(fp32_model.state_dict().items(), held_model.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), name  # the caller gets fp32 back
+    assert id(held_model.lm_head.weight) not in packed_weights._copies  # and no held copy is left
 
 
 def test_only_frozen_untied_fp32_linears_are_held(base_dir):
@@ -84,6 +85,9 @@ def test_only_frozen_untied_fp32_linears_are_held(base_dir):
         assert id(model.model.encoder.layers[0].fc1.weight) in packed
         assert id(model.model.encoder.layers[0].self_attn.q_proj.weight) in packed
         assert id(model.lm_head.weight) not in packed
+    # the tied LM head multiplies with a held bf16 copy instead of casting the embedding per call
+    held = packed_weights._copies[id(model.lm_head.weight)].made
+    assert held.dtype == torch.bfloat16 and torch.equal(held, model.model.shared.weight.bfloat16())
     assert all(name.endswith(".weight") for name in originals.names)
 
 

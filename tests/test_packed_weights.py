@@ -162,6 +162,52 @@ def test_linear_repacks_a_frozen_weight_that_changed_in_place():
         assert torch.equal(packed_weights.linear(x, layer.weight), torch.nn.functional.linear(x, layer.weight))
 
 
+def autocast_products(weight: torch.Tensor, x: torch.Tensor):
+    """(output, x's gradient, the weight's gradient) of `packed_weights.linear` under CPU bf16 autocast."""
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_weights.linear(leaf, weight)
+    out.float().pow(2).sum().backward()
+    return out, leaf.grad, weight.grad
+
+
+@needs_bf16
+def test_a_held_bf16_copy_gives_autocasts_products_without_casting_the_fp32_weight():
+    weight = parameter(80, 48, seed=3)  # frozen fp32, as the LM head tied to the embedding
+    x = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(4))
+    expected = autocast_products(weight, x)  # autocast's cast in the call
+    packed_weights.hold_autocast_copy(weight, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        held = packed_weights.autocast_copy(x, weight)
+    assert held is not None and held.dtype == torch.bfloat16 and torch.equal(held, weight.bfloat16())
+    assert id(held) in packed_weights._packs  # and the copy runs on its pack
+    out, grad, _ = autocast_products(weight, x)
+    assert "_PackedLinear" in type(out.grad_fn).__name__
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected[0]) and torch.equal(grad, expected[1])
+    assert weight.dtype == torch.float32  # the weight itself is left as it was
+    packed_weights.release([weight])
+    assert id(weight) not in packed_weights._copies
+
+
+@needs_bf16
+def test_a_held_copy_is_not_used_outside_autocast_for_a_trainable_weight_or_after_a_change():
+    weight = parameter(80, 48, seed=5)
+    x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(6))
+    packed_weights.hold_autocast_copy(weight, torch.bfloat16)
+    out = packed_weights.linear(x, weight)  # no autocast: plain fp32
+    assert out.dtype == torch.float32 and torch.equal(out, torch.nn.functional.linear(x, weight))
+    weight.requires_grad_(True)  # it now needs a gradient, which only the fp32 weight can take
+    _, _, weight_grad = autocast_products(weight, x)
+    assert weight_grad is not None and weight_grad.dtype == torch.float32
+    weight.requires_grad_(False)
+    with torch.no_grad():
+        weight.mul_(-2.0)  # changed in place: the copy is stale
+    expected = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(packed_weights.linear(x, weight), expected)
+    assert id(weight) not in packed_weights._copies  # and dropped
+
+
 def decoder_weight_ids(model) -> set[int]:
     return {id(p) for p in model.model.decoder.parameters() if p.dim() == 2} | {id(model.lm_head.weight)}
 
