@@ -424,21 +424,21 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
 
 def memory_pass(side: Side, device: torch.device) -> float | None:
     """MB one iteration of `side` adds at its peak over what was in use before it (see `measure`);
-    None where the kernel cannot reset the CPU high-water mark."""
+    None, without running it, where the kernel cannot reset the CPU high-water mark."""
+    iteration = side.memory or side.run
     memory.release_free_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) / 2**20
-        (side.memory or side.run)()
+        iteration()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20 - base
     try:
         memory.reset_peak()
     except OSError:  # no /proc/self/clear_refs to write (some containers)
-        (side.memory or side.run)()
         return None
     base = memory.rss_mb()
-    (side.memory or side.run)()
+    iteration()
     return memory.peak_mb() - base
