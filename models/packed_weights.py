@@ -197,11 +197,11 @@ def release(weights: Iterable[Tensor]) -> None:
 
 def hold_autocast_copy(weight: Tensor, dtype: torch.dtype) -> None:
     """Keep a frozen `dtype` copy of the frozen `weight` (packed where `linear` runs `dtype` on
-    packs) for `linear` to use under `dtype` autocast while `weight` is unchanged: autocast's
-    cast, made once instead of in every call. For a weight other readers need in fp32, the LM
-    head tied to the embedding: at distilbart-cnn-12-6 shapes a LoRA bf16 step went 1.239-1.245
-    -> 1.198-1.202 s (two processes each way), for 103 MB of copy and 103 MB of pack, while each
-    step stops keeping autocast's 103 MB cast for backward."""
+    packs) for `linear` to use under `dtype` autocast (`autocast_copy`): autocast's cast, made
+    once instead of in every call, and again only if the weight changes. For a weight other
+    readers need in fp32, the LM head tied to the embedding: at distilbart-cnn-12-6 shapes a LoRA
+    bf16 step went 1.239-1.245 -> 1.198-1.202 s (two processes each way), for 103 MB of copy and
+    103 MB of pack, while each step stops keeping autocast's 103 MB cast for backward."""
     with torch.inference_mode(False), torch.no_grad():
         copy = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
     pack_for_linear([_Entry(weight, copy, _copies).made])
@@ -209,20 +209,19 @@ def hold_autocast_copy(weight: Tensor, dtype: torch.dtype) -> None:
 
 def autocast_copy(x: Tensor, weight: Tensor) -> Tensor | None:
     """The held copy of `weight` when `linear` may multiply `x` with it: autocast to the copy's
-    dtype is on for x's device, x is what autocast casts, and `weight` is unchanged since the copy
-    was made and needs no gradient. A weight changed in place loses its copy."""
+    dtype is on for x's device, x is what autocast casts, and `weight` needs no gradient. A weight
+    changed in place since (DDP's start-up broadcast) gets a new copy, as it would a new pack."""
     entry = _copies.get(id(weight))
-    if entry is None:
+    if entry is None or entry.weight() is not weight or (torch.is_grad_enabled() and weight.requires_grad):
         return None
-    if not entry.is_current(weight):
-        del _copies[id(weight)]
+    dtype, device = entry.made.dtype, x.device.type
+    if (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != dtype
+            or x.dtype not in (torch.float32, dtype)):
         return None
-    copy, device = entry.made, x.device.type
-    if (torch.is_grad_enabled() and weight.requires_grad) or x.device != copy.device:
-        return None
-    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != copy.dtype:
-        return None
-    return copy if x.dtype in (torch.float32, copy.dtype) else None
+    if not entry.is_current(weight):  # also a weight moved to another device: the copy goes with it
+        hold_autocast_copy(weight, dtype)
+    copy = _copies[id(weight)].made
+    return copy if copy.device == x.device else None
 
 
 def packed_bytes() -> int:

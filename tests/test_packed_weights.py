@@ -190,7 +190,7 @@ def test_a_held_bf16_copy_gives_autocasts_products_without_casting_the_fp32_weig
 
 
 @needs_bf16
-def test_a_held_copy_is_not_used_outside_autocast_for_a_trainable_weight_or_after_a_change():
+def test_a_held_copy_is_not_used_outside_autocast_or_for_a_trainable_weight_and_is_remade_after_a_change():
     weight = parameter(80, 48, seed=5)
     x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(6))
     packed_weights.hold_autocast_copy(weight, torch.bfloat16)
@@ -200,12 +200,14 @@ def test_a_held_copy_is_not_used_outside_autocast_for_a_trainable_weight_or_afte
     _, _, weight_grad = autocast_products(weight, x)
     assert weight_grad is not None and weight_grad.dtype == torch.float32
     weight.requires_grad_(False)
+    stale = packed_weights._copies[id(weight)].made
     with torch.no_grad():
-        weight.mul_(-2.0)  # changed in place: the copy is stale
+        weight.mul_(-2.0)  # changed in place, as DDP's start-up broadcast would: the copy is stale
     expected = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(packed_weights.linear(x, weight), expected)
-    assert id(weight) not in packed_weights._copies  # and dropped
+    fresh = packed_weights._copies[id(weight)].made  # made again from the new values
+    assert fresh is not stale and torch.equal(fresh, weight.bfloat16())
 
 
 def decoder_weight_ids(model) -> set[int]:
