@@ -156,10 +156,8 @@ def generate(
 
     was_training = model.training
     model.eval()
-    # The decoder and LM head run once per new token, mostly on a few rows, where prepacking their
-    # weights pays most (only those F.linear reads get packed, LoRA's included). Packs of
-    # trainable weights are dropped afterwards: those weights will change.
-    per_token = [p for p in model.model.decoder.parameters() if p.dim() == 2] + [model.lm_head.weight]
+    # Packs of trainable weights are dropped afterwards: those weights will change.
+    per_token = per_token_weights(model)
     try:
         with torch.inference_mode(), OneDNNLinear(pack=per_token):
             memory = model.encode(input_ids, attention_mask)
@@ -169,6 +167,12 @@ def generate(
         model.train(was_training)
         packed_weights.release(w for w in per_token if w.requires_grad)
     return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
+
+
+def per_token_weights(model: BartForConditionalGeneration) -> list[Tensor]:
+    """The weights generation packs: the decoder and LM head run once per new token, mostly on a
+    few rows, where prepacking pays most (only those F.linear reads get packed, LoRA's included)."""
+    return [p for p in model.model.decoder.parameters() if p.dim() == 2] + [model.lm_head.weight]
 
 
 def cast_for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

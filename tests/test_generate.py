@@ -19,7 +19,7 @@ from models.bart import BartForConditionalGeneration
 from models.config import BartConfig
 from models.errors import ModelError
 from models.generate import (NO_TOKEN, GenerationConfig, OneDNNLinear, cast_for_inference, generate,
-                             next_token_logits)
+                             next_token_logits, per_token_weights)
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -345,9 +345,8 @@ def test_bf16_cached_decoding_is_as_close_to_fp32_as_transformers():
             their_steps.append(F.log_softmax(out.logits[:, -1].float(), dim=-1))
 
     bf16_ours = cast_for_inference(copy.deepcopy(ours), torch.bfloat16)
-    per_token = [p for p in bf16_ours.model.decoder.parameters() if p.dim() == 2] + [bf16_ours.lm_head.weight]
     our_steps = []
-    with torch.inference_mode(), OneDNNLinear(pack=per_token):  # as generate() runs it
+    with torch.inference_mode(), OneDNNLinear(pack=per_token_weights(bf16_ours)):  # as generate() runs it
         memory = bf16_ours.encode(ids, mask)  # one row per item: each item's beams share it
         cache = bf16_ours.new_cache(steps)
         for i in range(steps):

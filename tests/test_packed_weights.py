@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models import packed_weights
-from models.generate import cast_for_inference, generate
+from models.generate import cast_for_inference, generate, per_token_weights
 from tests.test_generate import BASE, CASES, assert_same_ids, build_pair, padded_batch, their_generate
 
 pytestmark = pytest.mark.skipif(not packed_weights.AVAILABLE, reason="this torch build cannot prepack for oneDNN")
@@ -211,7 +211,7 @@ def test_a_held_copy_is_not_used_outside_autocast_or_for_a_trainable_weight_and_
 
 
 def decoder_weight_ids(model) -> set[int]:
-    return {id(p) for p in model.model.decoder.parameters() if p.dim() == 2} | {id(model.lm_head.weight)}
+    return {id(p) for p in per_token_weights(model)}
 
 
 def packed_ids() -> set[int]:
