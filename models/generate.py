@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from models import packed_weights
+from models import onednn_linear, packed_weights
 from models.bart import BartForConditionalGeneration, KVCache
 from models.config import BartConfig
 from models.errors import ModelError
@@ -158,6 +158,10 @@ def generate(
     model.eval()
     # Packs of trainable weights are dropped afterwards: those weights will change.
     per_token = per_token_weights(model)
+    # `linear` runs fp32 products on oneDNN itself, on a pack where the weight has one; the mode
+    # below packs what reaches F.linear directly (LoRA's factors) when it first sees it.
+    linears = {id(w) for w in packed_weights.linear_weights(model)}
+    packed_weights.pack_fp32_for_inference(w for w in per_token if id(w) in linears)
     try:
         with torch.inference_mode(), OneDNNLinear(pack=per_token):
             memory = model.encode(input_ids, attention_mask)
@@ -201,9 +205,11 @@ class OneDNNLinear(TorchFunctionMode):
     ~2x slower for 4-row products. Only the summation order differs from `F.linear`.
     Inference only (the op has no backward); any other call passes through unchanged.
     Weights in `pack` run on their prepacked copies (models/packed_weights.py): the same products,
-    without reordering the weight on every call."""
+    without reordering the weight on every call.
+    The model's own Linears run float32 on oneDNN anyway (models/onednn_linear.py): this catches
+    what calls F.linear directly (LoRA's factors) and bf16 weights without a pack."""
 
-    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    available = onednn_linear.AVAILABLE
     dtypes = (torch.float32, torch.bfloat16) if available and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
         else (torch.float32,)
 

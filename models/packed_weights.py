@@ -10,16 +10,18 @@ Only the reorder is skipped, but oneDNN may pick other kernels for a pack. On th
 EPYC (avx512_bf16) every product measured was bit for bit the plain weight's. On an Intel Xeon
 with AMX (an H100 host) they were not always: at distilbart-cnn-12-6 shapes, under 0.05% of the
 elements of bf16 products at 16 rows (and at 300 rows for [1024, 1024]) differed from `F.linear`'s,
-with the same error against float64 (another summation order). fp32 products, which only
-generation runs on packs, differed from the plain weight's at 1-16 rows: relative error against
-float64 ~4e-7 packed, ~1.5e-7 plain. Runs stay deterministic (the same weights get the same pack);
-only switching packs off (`set_enabled`) may change the last bits there.
+with the same error against float64 (another summation order). fp32 products (fp32 packs are
+made by generation and used only where no gradient is needed) differed from the plain weight's
+at 1-16 rows: relative error against float64 ~4e-7 packed, ~1.5e-7 plain. Runs stay
+deterministic (the same weights get the same pack); only switching packs off (`set_enabled`) may
+change the last bits there.
 
 A pack costs as much memory as its weight, so only weights that stay unchanged get one:
 - Generation (`models.generate`) packs the weights it runs once per new token, the decoder's and
   the LM head's: 152M parameters, ~610 MB fp32 (~305 MB bf16) for distilbart-cnn-12-6. It keeps
   the packs of frozen weights (`requires_grad=False`, as `engine.inference.load_for_inference`
-  loads them) and drops the others after each call. Bench cases greedy and beam4 (fp32, batch 4,
+  loads them) and drops the others after each call; later fp32 products without a gradient
+  (evaluate.py's loss pass) run on the kept ones too. Bench cases greedy and beam4 (fp32, batch 4,
   64 new tokens), two processes against one: greedy 1.57 -> 1.99-2.16 samples/s, beam-4 1.25 ->
   1.50-1.56; process peak RSS +625 MB greedy, +450-540 MB beam-4.
 - `cast_for_inference(model, torch.bfloat16)` (evaluate.py and summarize.py `--dtype bf16`) packs
@@ -44,6 +46,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models import onednn_linear
 
 # Whether this torch build can prepack: CPU builds with oneDNN on an x86 CPU.
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -125,16 +129,21 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def usable_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The pack `linear` runs on: the bf16 weight's pack, if it was given one, when the product runs
-    in bf16 (bf16 inputs, or CPU bf16 autocast), x is contiguous, and the weight and bias need no
-    gradient; else None.
-    An fp32 pack is used only inside generation's `OneDNNLinear`: F.linear runs fp32 on MKL, in
-    another summation order, and training must not change its numbers after a generate call."""
+    """The pack `linear` runs on, if the weight was given one; else None. A bf16 pack when the
+    product runs in bf16 (bf16 inputs, or CPU bf16 autocast), x is contiguous, and the weight and
+    bias need no gradient. An fp32 pack (generation makes them) only where no gradient is needed at
+    all: with one, `onednn_linear` would compute the input gradient on the plain weight, and a
+    training step must not change its numbers after a generate call."""
     if id(weight) not in _packs:
         return None
     if weight.device.type != "cpu":  # `Module.to("cuda")` keeps the Parameter: its CPU pack is dead weight
         _packs.pop(id(weight), None)
         return None
+    if weight.dtype == torch.float32:
+        if (not onednn_linear.runs(x, weight, bias) or not x.is_contiguous()
+                or onednn_linear.needs_grad(x, weight, bias)):
+            return None
+        return prepacked(weight)
     if (weight.dtype != torch.bfloat16 or not BF16_AVAILABLE
             or x.device.type != "cpu" or not x.is_contiguous()):  # strided: F.linear adds the bias apart
         return None
@@ -157,10 +166,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         weight = copy
     packed = usable_pack(x, weight, bias)
     if packed is None:
+        if onednn_linear.runs(x, weight, bias):
+            return onednn_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
-    # What autocast does for F.linear: x and the bias in bf16 (a no-op when they already are).
-    x = x.to(torch.bfloat16)
-    bias = None if bias is None else bias.to(torch.bfloat16)
+    # What autocast does for F.linear: x and the bias in bf16 (a no-op when they already are, and for fp32).
+    x = x.to(weight.dtype)
+    bias = None if bias is None else bias.to(weight.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PackedLinear.apply(x, weight, bias, packed)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -181,11 +192,24 @@ def pack_for_linear(weights: Iterable[Tensor]) -> None:
             prepacked(weight)
 
 
+def linear_weights(model: nn.Module) -> list[Tensor]:
+    """Every Linear weight of `model`: a 2-D weight outside an embedding, LoRA's base included."""
+    return [module.weight for module in model.modules()
+            if not isinstance(module, nn.Embedding) and isinstance(getattr(module, "weight", None), Tensor)
+            and module.weight.dim() == 2]
+
+
 def pack_linears(model: nn.Module) -> None:
-    """`pack_for_linear` over every Linear weight of `model` (a 2-D weight outside an embedding,
-    LoRA's base included)."""
-    pack_for_linear(module.weight for module in model.modules()
-                    if not isinstance(module, nn.Embedding) and isinstance(getattr(module, "weight", None), Tensor))
+    """`pack_for_linear` over every Linear weight of `model`."""
+    pack_for_linear(linear_weights(model))
+
+
+def pack_fp32_for_inference(weights: Iterable[Tensor]) -> None:
+    """Pack each fp32 one of `weights` for the products `linear` runs on oneDNN without a gradient
+    (generation's per-token products, where the pack pays most)."""
+    for weight in weights:
+        if weight.dtype == torch.float32 and onednn_linear.AVAILABLE and can_pack(weight):
+            prepacked(weight)
 
 
 def release(weights: Iterable[Tensor]) -> None:

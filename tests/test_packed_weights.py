@@ -149,7 +149,10 @@ def test_linear_runs_f_linear_where_a_pack_would_not_give_its_numbers():
         packed_weights.linear(x, layer.weight, layer.bias)
     fp32 = parameter(80, 48)
     packed_weights.prepacked(fp32)  # as fp32 generation leaves it
-    assert packed_weights.usable_pack(x, fp32, None) is None  # F.linear's fp32 is MKL's, not oneDNN's
+    assert packed_weights.usable_pack(x, fp32, None) is not None  # no gradient: oneDNN's product either way
+    assert packed_weights.usable_pack(x.requires_grad_(), fp32, None) is None  # backward runs on the plain weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_weights.usable_pack(x.detach(), fp32, None) is None  # autocast multiplies in bf16
 
 
 @needs_bf16
