@@ -200,14 +200,17 @@ def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool) -> Se
                  shapes.lora_iters if lora else shapes.train_iters, sides)
 
 
-def evaluation(shapes: Shapes, device: torch.device, bf16_weights: bool = False) -> Setup:
-    """Ours with fp32 weights is validation inside train.py; with `bf16_weights` it is evaluate.py
-    --dtype bf16, which loads the model through `cast_for_inference`. Theirs is Trainer's evaluation
-    with bf16=True either way: autocast over fp32 weights."""
+def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") -> Setup:
+    """`precision` "bf16": ours is validation inside train.py (fp32 weights under bf16 autocast);
+    "bf16_weights": evaluate.py --dtype bf16, which loads the model through `cast_for_inference`;
+    "fp32": evaluate.py's default. Theirs is Trainer's evaluation, with bf16=True (autocast over
+    fp32 weights) for both bf16 cases and without it for fp32."""
     ours, theirs = (model.eval() for model in twin_pair(shapes, device))
-    if bf16_weights:
+    if precision == "bf16_weights":
         cast_for_inference(ours, torch.bfloat16)
-    autocast = bf16_autocast(True, device)
+    elif precision == "fp32":
+        ours.requires_grad_(False)  # frozen, as load_for_inference loads it
+    autocast = bf16_autocast(precision != "fp32", device)
     split = twins.synthetic_split(shapes)
     batch = twins.batch_of(split, ours.config).to(device)
     m = flops.Dims.of(ours.config)
@@ -224,8 +227,8 @@ def evaluation(shapes: Shapes, device: torch.device, bf16_weights: bool = False)
         return work
 
     def run_theirs() -> Work:
-        # what Trainer.prediction_step does: no_grad, autocast, the model's own loss
-        with torch.no_grad(), autocast:
+        # what Trainer.prediction_step does: no_grad, autocast if bf16, the model's own loss
+        with torch.no_grad(), autocast or nullcontext():
             losses["theirs"] = float(theirs(**inputs).loss)
         return work
 
@@ -233,9 +236,12 @@ def evaluation(shapes: Shapes, device: torch.device, bf16_weights: bool = False)
         return {"loss_ours": losses["ours"], "loss_theirs": losses["theirs"],
                 "loss_rel_diff": abs(losses["ours"] - losses["theirs"]) / abs(losses["theirs"])}
 
-    title = ("evaluation loss (teacher forced), bf16: ours evaluate.py --dtype bf16 (bf16 weights + autocast), "
-             "theirs autocast" if bf16_weights else "evaluation loss (teacher forced), bf16 autocast")
-    return Setup(title, "bf16", shapes.eval_iters, {"ours": Side(run_ours), "theirs": Side(run_theirs)}, checks)
+    title = {"bf16": "evaluation loss (teacher forced), bf16 autocast",
+             "bf16_weights": "evaluation loss (teacher forced), bf16: ours evaluate.py --dtype bf16 (bf16 weights + "
+                             "autocast), theirs autocast",
+             "fp32": "evaluation loss (teacher forced), fp32 (evaluate.py's default)"}[precision]
+    return Setup(title, "bf16" if autocast else "fp32", shapes.eval_iters, {"ours": Side(run_ours), "theirs": Side(run_theirs)},
+                 checks)
 
 
 def generation(shapes: Shapes, device: torch.device, beams: int) -> Setup:
@@ -361,7 +367,8 @@ CASES: dict[str, Callable[[Shapes, torch.device], Setup]] = {
     "full_bf16": lambda s, d: training(s, d, lora=False, bf16=True),
     "full_fp32": lambda s, d: training(s, d, lora=False, bf16=False),
     "eval_bf16": evaluation,
-    "eval_bf16_weights": lambda s, d: evaluation(s, d, bf16_weights=True),
+    "eval_bf16_weights": lambda s, d: evaluation(s, d, "bf16_weights"),
+    "eval_fp32": lambda s, d: evaluation(s, d, "fp32"),
     "beam4": lambda s, d: generation(s, d, beams=4),
     "greedy": lambda s, d: generation(s, d, beams=1),
     "real_epoch": real_epoch,

@@ -79,6 +79,13 @@ def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
     assert "| eval_bf16_weights |" in table
 
 
+def test_fp32_evaluation_gives_transformers_loss(tmp_path):
+    results, table = run_quick("eval_fp32", tmp_path)
+    # the same fp32 model; only the products' summation order differs (oneDNN against MKL)
+    assert results["eval_fp32"]["checks"]["loss_rel_diff"] < 1e-5
+    assert "| eval_fp32 |" in table
+
+
 def test_a_case_run_in_several_processes_reports_the_median_one_and_every_ratio(tmp_path):
     results, table = run_quick("eval_bf16", tmp_path, "--processes", "3")
     result = results["eval_bf16"]
@@ -123,3 +130,4 @@ def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
     assert {k: v for k, v in asdict(gpu).items() if k not in timing} == {
         k: v for k, v in asdict(FULL).items() if k not in timing}
     assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
+
