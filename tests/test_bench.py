@@ -131,3 +131,22 @@ def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
         k: v for k, v in asdict(FULL).items() if k not in timing}
     assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
 
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+@pytest.mark.parametrize("kind", ["full", "lora", "eval"])
+def test_matmul_floor_times_exactly_the_flops_the_bench_counts(mode, kind):
+    from bench.floor import analytic_flops, step_products
+    from bench.shapes import MODES
+
+    products = step_products(MODES[mode], kind)
+    assert sum(p.flops for p in products) == pytest.approx(analytic_flops(MODES[mode], kind), rel=1e-12)
+
+
+def test_matmul_floor_libraries_compute_the_same_product():
+    from bench.floor import Product
+
+    for layout, batch in (("linear", 1), ("mm", 1), ("mm_at", 1), ("bmm", 3), ("bmm_at", 3), ("bmm_bt", 3)):
+        outputs = [kernel() for kernel in Product(layout, batch, 5, 7, 6, count=2).kernels(torch.float32)]
+        assert outputs[0].shape == ((5, 6) if batch == 1 else (3, 5, 6))
+        for other in outputs[1:]:  # oneDNN's linear on the same operands, in its own layout
+            torch.testing.assert_close(other, outputs[0])
