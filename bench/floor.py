@@ -1,6 +1,6 @@
 """The matmul floor: how long a case's products alone take on this machine, at their own shapes.
 
-    python -m bench.floor [--quick] [--threads 2] [--cases full_bf16,lora_bf16,eval_bf16]
+    python -m bench.floor [--quick] [--threads 2] [--cases full_bf16,lora_bf16,eval_fp32]
 
 The bench's "% of peak" compares a case with one 2048^3 product, a shape oneDNN runs at its best.
 A step's products are smaller and thinner (256 decoder rows, 64-wide attention heads, rank-8
@@ -162,7 +162,7 @@ def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5) ->
 
 
 CASES = {"full_bf16": ("full", torch.bfloat16), "full_fp32": ("full", torch.float32),
-         "lora_bf16": ("lora", torch.bfloat16), "eval_bf16": ("eval", torch.bfloat16)}
+         "lora_bf16": ("lora", torch.bfloat16), "eval_bf16": ("eval", torch.bfloat16), "eval_fp32": ("eval", torch.float32)}
 
 
 def main(argv: list[str] | None = None) -> None:
