@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import onednn_linear
 from models.generate import OneDNNLinear
 
 
@@ -97,7 +98,7 @@ def matmul_peak(n: int, dtype: torch.dtype, reps: int = 5, device: torch.device 
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     kernels = [lambda: torch.mm(a, b)]
     if device.type == "cpu" and OneDNNLinear.available and dtype in OneDNNLinear.dtypes:
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        kernels.append(lambda: onednn_linear.product(a, b))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     for kernel in kernels:

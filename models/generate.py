@@ -226,7 +226,7 @@ class OneDNNLinear(TorchFunctionMode):
                     and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
                 if id(weight) in self.pack:
                     weight = packed_weights.prepacked(weight)
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                return onednn_linear.product(x, weight, bias)
         return func(*args, **kwargs)
 
 

@@ -32,7 +32,8 @@ def set_enabled(enabled: bool) -> None:
 
 
 def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight^T + bias on oneDNN; strided views (a transposed weight) are read as they are."""
+    """x @ weight^T + bias on oneDNN. `weight` may be a pack (models/packed_weights.py) or a
+    strided view (a transposed weight), read as it is."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

@@ -101,7 +101,7 @@ def can_pack(weight: Tensor) -> bool:
 
 
 def prepacked(weight: Tensor) -> Tensor:
-    """The packed copy of `weight`, for `torch.ops.mkldnn._linear_pointwise`. Made anew when the
+    """The packed copy of `weight`, for `onednn_linear.product`. Made anew when the
     weight changed since it was packed (`_Entry.is_current`)."""
     entry = _packs.get(id(weight))
     if entry is not None and entry.is_current(weight):
@@ -118,7 +118,7 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return onednn_linear.product(x, packed, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -174,7 +174,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     bias = None if bias is None else bias.to(weight.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PackedLinear.apply(x, weight, bias, packed)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return onednn_linear.product(x, packed, bias)
 
 
 class Linear(nn.Linear):
