@@ -27,6 +27,10 @@ from models.packed_weights import Linear
 from models.shared_cast import cast_for_readers
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
+# Target rows per LM-head product when the loss needs no gradient (evaluation). A whole batch's
+# logits are never held at once: 16 x 256 target tokens are 823 MB in fp32 at a 50264-word
+# vocabulary, 51 MB per 256-row chunk. A batch of at most this many rows runs in one product.
+HEAD_CHUNK_ROWS = 256
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -463,7 +467,8 @@ class BartForConditionalGeneration(nn.Module):
         With `labels` (-100 where ignored) the loss is cross-entropy over the target tokens,
         `loss_reduction` "mean" (Transformers' loss) or "sum" (for normalising by the token count
         of a whole accumulated batch). `return_logits=False` runs the LM head only at the target
-        positions, which is all the loss needs and saves the [batch, length, vocab] tensor.
+        positions, which is all the loss needs and saves the [batch, length, vocab] tensor; without
+        a gradient, over HEAD_CHUNK_ROWS target rows at a time (`target_loss`).
         """
         if decoder_input_ids is None:
             if labels is None:
@@ -476,15 +481,26 @@ class BartForConditionalGeneration(nn.Module):
         if labels is None:
             return Seq2SeqOutput(logits=self.lm_logits(hidden), encoder_hidden=encoder_hidden)
         target = labels != -100
+        target_labels = labels[target]
         if return_logits:
             logits = self.lm_logits(hidden)
-            target_logits, target_labels = logits[target], labels[target]
+            loss = cross_entropy(logits[target], target_labels, loss_reduction)
         else:
             logits = None
-            target_logits, target_labels = self.lm_logits(hidden[target]), labels[target]
-        loss = cross_entropy(target_logits, target_labels, loss_reduction)
+            loss = self.target_loss(hidden[target], target_labels, loss_reduction)
         return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden=encoder_hidden,
                              num_target_tokens=int(target_labels.numel()))
+
+    def target_loss(self, rows: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """cross_entropy(lm_logits(rows), labels) over decoder output rows at target positions.
+        Without a gradient, HEAD_CHUNK_ROWS rows at a time, so the logits are never all held."""
+        if torch.is_grad_enabled() or rows.shape[0] <= HEAD_CHUNK_ROWS:
+            return cross_entropy(self.lm_logits(rows), labels, reduction)
+        total = cross_entropy(self.lm_logits(rows[:HEAD_CHUNK_ROWS]), labels[:HEAD_CHUNK_ROWS], "sum")
+        for start in range(HEAD_CHUNK_ROWS, rows.shape[0], HEAD_CHUNK_ROWS):
+            chunk = slice(start, start + HEAD_CHUNK_ROWS)
+            total = total + cross_entropy(self.lm_logits(rows[chunk]), labels[chunk], "sum")
+        return total / labels.numel() if reduction == "mean" else total
 
 
 def set_dropout(model: BartForConditionalGeneration, p: float) -> None:

@@ -8,6 +8,7 @@ import transformers
 
 from models.bart import (ACTIVATIONS, IN_PLACE_ACTIVATIONS, BartForConditionalGeneration, count_parameters,
                          shift_right)
+from models import bart
 from models.config import PRESETS, BartConfig, preset
 from models.errors import ModelError
 from tests.oracle import PARITY_CONFIGS, hf_config, padded_batch, twin_models
@@ -74,6 +75,25 @@ def test_loss_from_target_positions_only_equals_full_logits_loss():
     assert sparse.logits is None
     assert full.num_target_tokens == sparse.num_target_tokens == int((labels != -100).sum())
     torch.testing.assert_close(sparse.loss, full.loss)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_without_a_gradient_runs_the_lm_head_over_a_few_rows_at_a_time(monkeypatch, reduction):
+    ours, _ = twin_models(hf_config())
+    input_ids, attention_mask, labels = padded_batch(97)
+    targets = int((labels != -100).sum())
+    rows_per_call = []
+    ours.lm_head.register_forward_hook(lambda module, args, out: rows_per_call.append(out.shape[0]))
+    with torch.no_grad():
+        whole = ours(input_ids, attention_mask, labels=labels, loss_reduction=reduction, return_logits=False).loss
+        assert rows_per_call == [targets]  # at most HEAD_CHUNK_ROWS rows: one product, as before
+        monkeypatch.setattr(bart, "HEAD_CHUNK_ROWS", 3)
+        chunked = ours(input_ids, attention_mask, labels=labels, loss_reduction=reduction, return_logits=False).loss
+    assert rows_per_call[1:] == [3] * (targets // 3) + ([targets % 3] if targets % 3 else [])
+    torch.testing.assert_close(chunked, whole)
+    recorded = ours(input_ids, attention_mask, labels=labels, loss_reduction=reduction, return_logits=False).loss
+    assert rows_per_call[-1] == targets  # a loss to differentiate gets its logits in one product
+    torch.testing.assert_close(recorded.detach(), whole)
 
 
 def test_gradients_match_transformers_in_training_mode_without_dropout():
