@@ -1,6 +1,7 @@
 """The matmul floor: how long a case's products alone take on this machine, at their own shapes.
 
-    python -m bench.floor [--quick] [--threads 2] [--cases full_bf16,lora_bf16,eval_fp32]
+    python -m bench.floor [--quick] [--threads 2] [--cases full_bf16,lora_bf16,eval_fp32] [--device cuda]
+                          [--against results.json]
 
 The bench's "% of peak" compares a case with one 2048^3 product, a shape oneDNN runs at its best.
 A step's products are smaller and thinner (256 decoder rows, 64-wide attention heads, rank-8
@@ -15,20 +16,24 @@ implementation of the step, ours or theirs: theirs' time over the floor bounds t
 can reach on this machine.
 
 The products cover exactly the FLOPs `bench/flops.py` counts for the case (tests check that).
+`--against` reads a `bench.run --json` file and adds each case's times and the best ratio
+theirs' time allows. `--device cuda` times the products on the first GPU (torch's ops only).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench import flops
-from bench.shapes import MODES, Shapes
+from bench.shapes import MODES, Shapes, on_gpu
 from models import onednn_linear, packed_weights
 
 
@@ -48,14 +53,14 @@ class Product:
     def flops(self) -> float:
         return 2.0 * self.batch * self.m * self.k * self.n * self.count
 
-    def kernels(self, dtype: torch.dtype) -> list[Callable[[], torch.Tensor]]:
+    def kernels(self, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> list[Callable[[], torch.Tensor]]:
         """The product on each library that can run it, operands in place: torch's op (MKL for
         float32 on the CPU), and for 2-D products oneDNN's linear, which reads strided operands as
         they are (what models/onednn_linear.py runs float32 products on)."""
         g = torch.Generator().manual_seed(0)
 
         def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g).to(dtype)
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
         b, m, k, n = self.batch, self.m, self.k, self.n
         if self.layout in ("linear", "mm", "mm_at"):
@@ -63,7 +68,7 @@ class Product:
             w = rand(n, k) if self.layout == "linear" else rand(k, n).t()  # oneDNN's weight is [n, k]
             torch_op = {"linear": lambda: F.linear(x, w), "mm": lambda: torch.mm(x, w.t()),
                         "mm_at": lambda: torch.mm(x, w.t())}[self.layout]
-            if onednn_linear.AVAILABLE and (dtype == torch.float32 or packed_weights.BF16_AVAILABLE):
+            if device.type == "cpu" and onednn_linear.AVAILABLE and (dtype == torch.float32 or packed_weights.BF16_AVAILABLE):
                 return [torch_op, lambda: onednn_linear.product(x, w)]
             return [torch_op]
         if self.layout == "bmm":
@@ -138,17 +143,21 @@ def analytic_flops(shapes: Shapes, kind: str) -> float:
     return per_sample * shapes.batch_size
 
 
-def best_seconds(run: Callable[[], torch.Tensor], reps: int) -> float:
+def best_seconds(run: Callable[[], torch.Tensor], reps: int, device: torch.device = torch.device("cpu")) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run()  # the first call picks kernels and packs
+    sync()
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
         run()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5) -> float:
+def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5,
+                  device: torch.device = torch.device("cpu")) -> float:
     """Sum over the products of count x the best of `reps` timed runs on the faster library; equal
     products timed once."""
     per_product: dict[tuple, float] = {}
@@ -156,7 +165,7 @@ def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5) ->
     for p in products:
         key = (p.layout, p.batch, p.m, p.k, p.n)
         if key not in per_product:
-            per_product[key] = min(best_seconds(kernel, reps) for kernel in p.kernels(dtype))
+            per_product[key] = min(best_seconds(kernel, reps, device) for kernel in p.kernels(dtype, device))
         total += per_product[key] * p.count
     return total
 
@@ -165,31 +174,59 @@ CASES = {"full_bf16": ("full", torch.bfloat16), "full_fp32": ("full", torch.floa
          "lora_bf16": ("lora", torch.bfloat16), "eval_bf16": ("eval", torch.bfloat16), "eval_fp32": ("eval", torch.float32)}
 
 
+def measured_seconds(results_path: Path) -> dict[str, dict[str, float]]:
+    """{case: {"ours": median s, "theirs": median s}} from a `bench.run --json` file."""
+    try:
+        text = results_path.read_text()
+    except OSError as exc:
+        raise SystemExit(f"bench.floor: cannot read {results_path}: {exc.strerror or exc}")
+    try:
+        return {r["case"]: {side: r["sides"][side]["median_s"] for side in ("ours", "theirs")}
+                for r in json.loads(text)["results"] if "sides" in r}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"bench.floor: {results_path}: not a bench.run --json file ({type(exc).__name__}: {exc})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Time the matmuls of one bench iteration alone, at their shapes.")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (bench --quick)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2, as bench.run)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per product; the best counts (default: 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the products run (default: cpu)")
+    parser.add_argument("--against", type=Path, metavar="RESULTS_JSON",
+                        help="a `bench.run --json` file: add its times and the best ratio theirs' time allows")
     args = parser.parse_args(argv)
     names = args.cases.split(",")
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA device here")
+    measured = measured_seconds(args.against) if args.against else {}
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     shapes = MODES["quick" if args.quick else "full"]
-    peak = {dtype: flops.matmul_peak(shapes.peak_matmul_n, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    print("| case | GFLOP | matmul floor (s) | floor's GFLOP/s | % of the "
-          f"{shapes.peak_matmul_n}^3 peak |\n|---|---|---|---|---|")
+    peak_n = (on_gpu(shapes) if device.type == "cuda" else shapes).peak_matmul_n
+    peak = {dtype: flops.matmul_peak(peak_n, dtype, device=device) for dtype in (torch.float32, torch.bfloat16)}
+    header = ["case", "GFLOP", "matmul floor (s)", "floor's GFLOP/s", f"% of the {peak_n}^3 peak"]
+    if measured:
+        header += ["ours / theirs (s)", "best possible ratio"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in names:
         kind, dtype = CASES[name]
         products = step_products(shapes, kind)
         work = sum(p.flops for p in products)
-        seconds = floor_seconds(products, dtype, args.reps)
-        print(f"| {name} | {work / 1e9:.1f} | {seconds:.3f} | {work / seconds / 1e9:.0f} | "
-              f"{100 * work / seconds / peak[dtype]:.1f}% |", flush=True)
+        seconds = floor_seconds(products, dtype, args.reps, device)
+        row = [name, f"{work / 1e9:.1f}", f"{seconds:.4g}", f"{work / seconds / 1e9:.0f}",
+               f"{100 * work / seconds / peak[dtype]:.1f}%"]
+        if measured:
+            times = measured.get(name)
+            row += ([f"{times['ours']:.3f} / {times['theirs']:.3f}", f"{times['theirs'] / seconds:.2f}x"] if times
+                    else ["not in the file", ""])
+        print("| " + " | ".join(row) + " |", flush=True)
     print(f"\npeak: fp32 {peak[torch.float32] / 1e9:.0f}, bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
-          f"{args.threads} threads")
+          f"{args.device}, {args.threads} threads")
 
 
 if __name__ == "__main__":

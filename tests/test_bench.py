@@ -150,3 +150,38 @@ def test_matmul_floor_libraries_compute_the_same_product():
         assert outputs[0].shape == ((5, 6) if batch == 1 else (3, 5, 6))
         for other in outputs[1:]:  # oneDNN's linear on the same operands, in its own layout
             torch.testing.assert_close(other, outputs[0])
+
+
+def test_matmul_floor_against_a_results_file_gives_theirs_time_over_the_floor(tmp_path, capsys):
+    from bench.floor import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": [
+        {"case": "eval_fp32", "sides": {"ours": {"median_s": 0.25}, "theirs": {"median_s": 0.5}}}]}))
+    main(["--quick", "--threads", "1", "--reps", "1", "--cases", "eval_fp32,eval_bf16", "--against", str(results)])
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| eval")}
+    floor = float(rows["eval_fp32"][1])
+    assert rows["eval_fp32"][4] == "0.250 / 0.500"
+    assert float(rows["eval_fp32"][5].rstrip("x")) == pytest.approx(0.5 / floor, rel=0.01, abs=0.01)
+    assert rows["eval_bf16"][4] == "not in the file"
+
+
+def test_matmul_floor_refuses_a_file_that_is_not_bench_results(tmp_path):
+    from bench.floor import main
+
+    not_results = tmp_path / "other.json"
+    not_results.write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match=r"other\.json: not a bench\.run --json file"):
+        main(["--quick", "--against", str(not_results)])
+    with pytest.raises(SystemExit, match=r"cannot read .*missing\.json"):
+        main(["--quick", "--against", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is")
+def test_matmul_floor_on_cuda_without_a_gpu_is_a_usage_error_saying_so(capsys):
+    from bench.floor import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
