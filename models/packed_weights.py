@@ -140,7 +140,7 @@ def usable_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None
         _packs.pop(id(weight), None)
         return None
     if weight.dtype == torch.float32:
-        if (not onednn_linear.runs(x, weight, bias) or not x.is_contiguous()
+        if (not onednn_linear.eligible(x, weight, bias) or not x.is_contiguous()
                 or onednn_linear.needs_grad(x, weight, bias)):
             return None
         return prepacked(weight)
