@@ -240,8 +240,8 @@ def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") ->
              "bf16_weights": "evaluation loss (teacher forced), bf16: ours evaluate.py --dtype bf16 (bf16 weights + "
                              "autocast), theirs autocast",
              "fp32": "evaluation loss (teacher forced), fp32 (evaluate.py's default)"}[precision]
-    return Setup(title, "bf16" if autocast else "fp32", shapes.eval_iters, {"ours": Side(run_ours), "theirs": Side(run_theirs)},
-                 checks)
+    sides = {"ours": Side(run_ours), "theirs": Side(run_theirs)}
+    return Setup(title, "bf16" if autocast else "fp32", shapes.eval_iters, sides, checks)
 
 
 def generation(shapes: Shapes, device: torch.device, beams: int) -> Setup:

@@ -53,7 +53,8 @@ class Product:
     def flops(self) -> float:
         return 2.0 * self.batch * self.m * self.k * self.n * self.count
 
-    def kernels(self, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> list[Callable[[], torch.Tensor]]:
+    def kernels(self, dtype: torch.dtype,
+                device: torch.device = torch.device("cpu")) -> list[Callable[[], torch.Tensor]]:
         """The product on each library that can run it, operands in place: torch's op (MKL for
         float32 on the CPU), and for 2-D products oneDNN's linear, which reads strided operands as
         they are (what models/onednn_linear.py runs float32 products on)."""
@@ -68,7 +69,8 @@ class Product:
             w = rand(n, k) if self.layout == "linear" else rand(k, n).t()  # oneDNN's weight is [n, k]
             torch_op = {"linear": lambda: F.linear(x, w), "mm": lambda: torch.mm(x, w.t()),
                         "mm_at": lambda: torch.mm(x, w.t())}[self.layout]
-            if device.type == "cpu" and onednn_linear.AVAILABLE and (dtype == torch.float32 or packed_weights.BF16_AVAILABLE):
+            onednn = onednn_linear.AVAILABLE and (dtype == torch.float32 or packed_weights.BF16_AVAILABLE)
+            if device.type == "cpu" and onednn:
                 return [torch_op, lambda: onednn_linear.product(x, w)]
             return [torch_op]
         if self.layout == "bmm":
@@ -94,7 +96,8 @@ def attention_products(heads: int, q_len: int, k_len: int, head_dim: int, count:
                        backward: bool) -> list[Product]:
     """scores = q @ k^T and out = p @ v over `heads` (batch x heads) matrices; backward: dp = dO @ v^T,
     dv = p^T @ dO, dq = ds @ k, dk = ds^T @ q."""
-    out = [Product("bmm_bt", heads, q_len, head_dim, k_len, count), Product("bmm", heads, q_len, k_len, head_dim, count)]
+    out = [Product("bmm_bt", heads, q_len, head_dim, k_len, count),
+           Product("bmm", heads, q_len, k_len, head_dim, count)]
     if backward:
         out += [Product("bmm_bt", heads, q_len, head_dim, k_len, count),
                 Product("bmm_at", heads, k_len, q_len, head_dim, count),
@@ -171,7 +174,8 @@ def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5,
 
 
 CASES = {"full_bf16": ("full", torch.bfloat16), "full_fp32": ("full", torch.float32),
-         "lora_bf16": ("lora", torch.bfloat16), "eval_bf16": ("eval", torch.bfloat16), "eval_fp32": ("eval", torch.float32)}
+         "lora_bf16": ("lora", torch.bfloat16), "eval_bf16": ("eval", torch.bfloat16),
+         "eval_fp32": ("eval", torch.float32)}
 
 
 def measured_seconds(results_path: Path) -> dict[str, dict[str, float]]:
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2, as bench.run)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per product; the best counts (default: 5)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the products run (default: cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the products run (default: cpu)")
     parser.add_argument("--against", type=Path, metavar="RESULTS_JSON",
                         help="a `bench.run --json` file: add its times and the best ratio theirs' time allows")
     args = parser.parse_args(argv)

@@ -30,8 +30,9 @@ def tensors(*shapes, seed=0):
 def test_fp32_products_and_their_gradients_match_float64(every_size, layout, trained):
     x, weight, bias, grad = tensors((5, 3, 24), (40, 24), (40,), (3, 5, 40))
     x = x.transpose(0, 1) if layout == "strided" else x.transpose(0, 1).contiguous()  # [3, 5, 24] either way
-    leaves = [x.clone().requires_grad_(trained != "weight_only"), weight.clone().requires_grad_(trained != "input_only"),
-              bias.clone().requires_grad_(trained != "input_only")]  # clone keeps the strides
+    leaves = [x.clone().requires_grad_(trained != "weight_only"),  # clone keeps the strides
+              weight.clone().requires_grad_(trained != "input_only"),
+              bias.clone().requires_grad_(trained != "input_only")]
     assert leaves[0].is_contiguous() == (layout == "contiguous")
     out = packed_weights.linear(*leaves)
     assert type(out.grad_fn).__name__ == "_Fp32LinearBackward"
