@@ -8,7 +8,8 @@ import transformers
 
 from models.bart import (ACTIVATIONS, IN_PLACE_ACTIVATIONS, BartForConditionalGeneration, count_parameters,
                          shift_right)
-from models import bart
+from models import bart, onednn_linear
+from models.packed_weights import Linear
 from models.config import PRESETS, BartConfig, preset
 from models.errors import ModelError
 from tests.oracle import PARITY_CONFIGS, hf_config, padded_batch, twin_models
@@ -96,7 +97,13 @@ def test_loss_without_a_gradient_runs_the_lm_head_over_a_few_rows_at_a_time(monk
     torch.testing.assert_close(recorded.detach(), whole)
 
 
-def test_gradients_match_transformers_in_training_mode_without_dropout():
+@pytest.mark.parametrize("products", ["default", "onednn"])
+def test_gradients_match_transformers_in_training_mode_without_dropout(products, monkeypatch):
+    if products == "onednn":  # these fp32 products are below MIN_MACS: force models/onednn_linear.py
+        monkeypatch.setattr(onednn_linear, "MIN_MACS", 0)
+        ran = []
+        linear = onednn_linear.linear
+        monkeypatch.setattr(onednn_linear, "linear", lambda *args: ran.append(1) or linear(*args))
     config = hf_config(dropout=0.0)
     ours, theirs = twin_models(config)
     ours.train(), theirs.train()
@@ -106,6 +113,8 @@ def test_gradients_match_transformers_in_training_mode_without_dropout():
     their_grads = dict(theirs.named_parameters())
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param.grad, their_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    if products == "onednn":
+        assert len(ran) == sum(1 for m in ours.modules() if isinstance(m, Linear))  # every Linear, once
 
 
 def test_incremental_decoding_with_cache_matches_full_forward():

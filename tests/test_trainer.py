@@ -12,6 +12,7 @@ from engine.checkpointing import RunDir, RunDirError, merged_state_dict
 from engine.evaluation import LossReport
 from engine.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 from engine.trainer import TrainConfig, TrainingError, accumulate_gradients, train
+from models import onednn_linear
 from models.bart import BartForConditionalGeneration
 from models.checkpoint import load_state_dict_from_dir
 from models.config import BartConfig
@@ -120,8 +121,11 @@ def step_losses(history):
     return {r["step"]: r["loss"] for r in history if "loss" in r}
 
 
+@pytest.mark.parametrize("products", ["default", "onednn"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_resumed_run_repeats_the_uninterrupted_losses_and_weights(tmp_path, tokenizer, mode):
+def test_resumed_run_repeats_the_uninterrupted_losses_and_weights(tmp_path, tokenizer, mode, products, monkeypatch):
+    if products == "onednn":  # the tiny model's fp32 products are below MIN_MACS: force models/onednn_linear.py
+        monkeypatch.setattr(onednn_linear, "MIN_MACS", 0)
     lora = LoRAConfig(rank=2, alpha=4, dropout=0.1, targets="q_proj,v_proj") if mode == "lora" else None
     straight, straight_result = run_training(tmp_path, tokenizer, "straight", lora)
     with pytest.raises(Crash):  # dies two steps after the checkpoint of step 3
