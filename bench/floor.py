@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,19 +145,6 @@ def analytic_flops(shapes: Shapes, kind: str) -> float:
     return per_sample * shapes.batch_size
 
 
-def best_seconds(run: Callable[[], torch.Tensor], reps: int, device: torch.device = torch.device("cpu")) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run()  # the first call picks kernels and packs
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5,
                   device: torch.device = torch.device("cpu")) -> float:
     """Sum over the products of count x the best of `reps` timed runs on the faster library; equal
@@ -168,7 +154,7 @@ def floor_seconds(products: list[Product], dtype: torch.dtype, reps: int = 5,
     for p in products:
         key = (p.layout, p.batch, p.m, p.k, p.n)
         if key not in per_product:
-            per_product[key] = min(best_seconds(kernel, reps, device) for kernel in p.kernels(dtype, device))
+            per_product[key] = min(flops.best_seconds(kernel, reps, device) for kernel in p.kernels(dtype, device))
         total += per_product[key] * p.count
     return total
 

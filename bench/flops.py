@@ -12,6 +12,7 @@ need only the input gradient (2x forward), the attention matmuls and the LoRA ma
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,14 +100,19 @@ def matmul_peak(n: int, dtype: torch.dtype, reps: int = 5, device: torch.device 
     kernels = [lambda: torch.mm(a, b)]
     if device.type == "cpu" and OneDNNLinear.available and dtype in OneDNNLinear.dtypes:
         kernels.append(lambda: onednn_linear.product(a, b))
+    return 2 * n ** 3 / min(best_seconds(kernel, reps, device) for kernel in kernels)
+
+
+def best_seconds(run: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
+    """The fastest of `reps` timed calls of `run`, after one untimed call (kernel selection, packing
+    setup); on a GPU each call is timed to the device's end of it."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()
+    sync()
     best = float("inf")
-    for kernel in kernels:
-        kernel()  # first call pays for kernel selection / packing setup
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
         sync()
-        for _ in range(reps):
-            start = time.perf_counter()
-            kernel()
-            sync()
-            best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+        best = min(best, time.perf_counter() - start)
+    return best
