@@ -496,10 +496,8 @@ class BartForConditionalGeneration(nn.Module):
         Without a gradient, HEAD_CHUNK_ROWS rows at a time, so the logits are never all held."""
         if torch.is_grad_enabled() or rows.shape[0] <= HEAD_CHUNK_ROWS:
             return cross_entropy(self.lm_logits(rows), labels, reduction)
-        total = cross_entropy(self.lm_logits(rows[:HEAD_CHUNK_ROWS]), labels[:HEAD_CHUNK_ROWS], "sum")
-        for start in range(HEAD_CHUNK_ROWS, rows.shape[0], HEAD_CHUNK_ROWS):
-            chunk = slice(start, start + HEAD_CHUNK_ROWS)
-            total = total + cross_entropy(self.lm_logits(rows[chunk]), labels[chunk], "sum")
+        chunks = [slice(start, start + HEAD_CHUNK_ROWS) for start in range(0, rows.shape[0], HEAD_CHUNK_ROWS)]
+        total = sum(cross_entropy(self.lm_logits(rows[c]), labels[c], "sum") for c in chunks)
         return total / labels.numel() if reduction == "mean" else total
 
 
