@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models import packed_weights
+from models.onednn_linear import product as linear
 from models.generate import cast_for_inference, generate, per_token_weights
 from tests.test_generate import BASE, CASES, assert_same_ids, build_pair, padded_batch, their_generate
 
@@ -19,8 +20,6 @@ pytestmark = pytest.mark.skipif(not packed_weights.AVAILABLE, reason="this torch
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
 
 
-def linear(x, weight, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def parameter(rows: int, columns: int, dtype=torch.float32, seed: int = 0) -> nn.Parameter:
