@@ -23,13 +23,15 @@ from models.config import BartConfig
 from models.cross_entropy import cross_entropy
 from models.dropout import dropout
 from models.errors import ModelError
+from models.head_loss import chunked_head_loss
 from models.packed_weights import Linear
 from models.shared_cast import cast_for_readers
 
 POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq legacy)
-# Target rows per LM-head product when the loss needs no gradient (evaluation). A whole batch's
-# logits are never held at once: 16 x 256 target tokens are 823 MB in fp32 at a 50264-word
-# vocabulary, 51 MB per 256-row chunk. A batch of at most this many rows runs in one product.
+# Target rows per LM-head product when the loss needs no gradient (evaluation), or a gradient for
+# the decoder only (a frozen head: LoRA; models/head_loss.py). A whole batch's logits are never
+# held at once: 16 x 256 target tokens are 823 MB in fp32 at a 50264-word vocabulary, 51 MB per
+# 256-row chunk. A batch of at most this many rows runs in one product.
 HEAD_CHUNK_ROWS = 256
 
 
@@ -467,8 +469,8 @@ class BartForConditionalGeneration(nn.Module):
         With `labels` (-100 where ignored) the loss is cross-entropy over the target tokens,
         `loss_reduction` "mean" (Transformers' loss) or "sum" (for normalising by the token count
         of a whole accumulated batch). `return_logits=False` runs the LM head only at the target
-        positions, which is all the loss needs and saves the [batch, length, vocab] tensor; without
-        a gradient, over HEAD_CHUNK_ROWS target rows at a time (`target_loss`).
+        positions, which is all the loss needs and saves the [batch, length, vocab] tensor; unless
+        the head's weight trains, over HEAD_CHUNK_ROWS target rows at a time (`target_loss`).
         """
         if decoder_input_ids is None:
             if labels is None:
@@ -493,9 +495,16 @@ class BartForConditionalGeneration(nn.Module):
 
     def target_loss(self, rows: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         """cross_entropy(lm_logits(rows), labels) over decoder output rows at target positions.
-        Without a gradient, HEAD_CHUNK_ROWS rows at a time, so the logits are never all held."""
-        if torch.is_grad_enabled() or rows.shape[0] <= HEAD_CHUNK_ROWS:
+        HEAD_CHUNK_ROWS rows at a time, so the logits are never all held, unless the head's weight
+        needs a gradient (full fine-tuning)."""
+        head_weight = self.lm_head.weight
+        needs_grad = torch.is_grad_enabled() and (rows.requires_grad or head_weight.requires_grad)
+        # A GPU's chunked training loss has not been measured yet: it stays one product there.
+        if (rows.shape[0] <= HEAD_CHUNK_ROWS
+                or needs_grad and (head_weight.requires_grad or rows.device.type != "cpu")):
             return cross_entropy(self.lm_logits(rows), labels, reduction)
+        if needs_grad:
+            return chunked_head_loss(self.lm_logits, rows, labels, HEAD_CHUNK_ROWS, reduction)
         chunks = [slice(start, start + HEAD_CHUNK_ROWS) for start in range(0, rows.shape[0], HEAD_CHUNK_ROWS)]
         total = sum(cross_entropy(self.lm_logits(rows[c]), labels[c], "sum") for c in chunks)
         return total / labels.numel() if reduction == "mean" else total
