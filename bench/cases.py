@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -172,11 +172,15 @@ def hf_inputs(batch) -> dict:
 # --- cases -------------------------------------------------------------------------------------
 
 
-def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool) -> Setup:
+def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool, watch_head: bool = False) -> Setup:
+    """`watch_head`: the checks report the rows of ours' largest LM-head product and of the batch."""
     if lora:
         ours, theirs, _ = lora_pair(shapes, device)
     else:
         ours, theirs = (model.train() for model in twin_pair(shapes, device))
+    head_rows: list[int] = []
+    if watch_head:
+        ours.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[0]))
     autocast = bf16_autocast(bf16, device)
     batch = twins.batch_of(twins.synthetic_split(shapes), ours.config).to(device)
     m = flops.Dims.of(ours.config)
@@ -194,10 +198,26 @@ def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool) -> Se
         theirs_step(inputs)
         return work
 
+    def checks() -> dict:
+        if not watch_head:
+            return {}
+        return {"our_largest_head_rows": max(head_rows), "target_rows": int((batch.labels != -100).sum())}
+
     kind = f"LoRA r={shapes.lora_rank} q,v" if lora else "full fine-tune"
     sides = {"ours": Side(run_ours, reset=ours_step.reset), "theirs": Side(run_theirs, reset=theirs_step.reset)}
     return Setup(f"training step, {kind}, {'bf16 autocast' if bf16 else 'fp32'}", "bf16" if bf16 else "fp32",
-                 shapes.lora_iters if lora else shapes.train_iters, sides)
+                 shapes.lora_iters if lora else shapes.train_iters, sides, checks)
+
+
+def lora_long(shapes: Shapes, device: torch.device) -> Setup:
+    """The LoRA bf16 step at train.py's default batch rather than the reference one (full mode:
+    8 x 512/256 tokens, 2048 target rows), timed over `train_iters` steps since each takes
+    seconds. Its checks give the most rows one of ours' LM-head products took."""
+    long = replace(shapes, batch_size=shapes.long_batch_size, source_len=shapes.long_source_len,
+                   target_len=shapes.long_target_len, lora_iters=shapes.train_iters)
+    setup = training(long, device, lora=True, bf16=True, watch_head=True)
+    setup.title += f", train.py's batch ({long.batch_size} x {long.source_len}/{long.target_len} tokens)"
+    return setup
 
 
 def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") -> Setup:
@@ -364,6 +384,7 @@ def real_epoch(shapes: Shapes, device: torch.device) -> Setup:
 
 CASES: dict[str, Callable[[Shapes, torch.device], Setup]] = {
     "lora_bf16": lambda s, d: training(s, d, lora=True, bf16=True),
+    "lora_bf16_long": lora_long,
     "full_bf16": lambda s, d: training(s, d, lora=False, bf16=True),
     "full_fp32": lambda s, d: training(s, d, lora=False, bf16=False),
     "eval_bf16": evaluation,

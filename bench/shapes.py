@@ -34,6 +34,12 @@ class Shapes:
     real_max_target: int
     real_epochs: int
     tokenizer_vocab: int
+    # train.py's default batch (--batch-size 8, --max-source-len 512, --max-target-len 256), for
+    # the LoRA step at the lengths a run trains on; quick: more target rows than the LM head takes
+    # at once (models/bart.py HEAD_CHUNK_ROWS), so its chunked loss runs there too
+    long_batch_size: int
+    long_source_len: int
+    long_target_len: int
     # machine peak
     peak_matmul_n: int
     lora_rank: int = 8
@@ -56,6 +62,7 @@ FULL = Shapes(
     max_positions=1024, batch_size=4, source_len=256, target_len=64, new_tokens=64,
     warmup=1, lora_iters=7, train_iters=3, eval_iters=7, generate_iters=3,
     real_records=64, real_max_source=1024, real_max_target=256, real_epochs=1, tokenizer_vocab=8000,
+    long_batch_size=8, long_source_len=512, long_target_len=256,
     peak_matmul_n=2048,
 )
 
@@ -64,6 +71,7 @@ QUICK = Shapes(
     max_positions=256, batch_size=4, source_len=32, target_len=16, new_tokens=16,
     warmup=1, lora_iters=5, train_iters=5, eval_iters=5, generate_iters=3,
     real_records=16, real_max_source=128, real_max_target=32, real_epochs=2, tokenizer_vocab=2000,
+    long_batch_size=8, long_source_len=64, long_target_len=64,
     peak_matmul_n=1024,
 )
 

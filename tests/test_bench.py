@@ -44,6 +44,18 @@ def test_quick_benchmark_reports_both_sides_with_positive_throughput(tmp_path):
     assert "| lora_bf16 |" in table and "| beam4 |" in table and "Targets" in table
 
 
+def test_lora_step_at_train_py_batch_runs_our_lm_head_over_a_few_rows_at_a_time(tmp_path):
+    from models.bart import HEAD_CHUNK_ROWS
+
+    results, table = run_quick("lora_bf16_long", tmp_path)
+    result = results["lora_bf16_long"]
+    assert "train.py's batch (8 x 64/64 tokens)" in result["title"]
+    assert all(side["samples_per_s"] > 0 for side in result["sides"].values())
+    checks = result["checks"]
+    assert checks["target_rows"] == 8 * 64 > HEAD_CHUNK_ROWS >= checks["our_largest_head_rows"]
+    assert "| lora_bf16_long |" in table
+
+
 def test_memory_counts_state_an_iteration_creates_only_in_the_first_pass():
     from bench.cases import Setup, Side, Work, measure
 
