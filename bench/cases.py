@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from bench import flops, memory, twins
-from bench.shapes import Shapes
+from bench.shapes import Shapes, at_train_py_batch
 from data.batching import LengthGroupedSampler, collate, padding_fraction, tokenize
 from engine.evaluation import evaluate_loss
 from engine.frozen_weights import hold_frozen_linears_in
@@ -213,8 +213,7 @@ def lora_long(shapes: Shapes, device: torch.device) -> Setup:
     """The LoRA bf16 step at train.py's default batch rather than the reference one (full mode:
     8 x 512/256 tokens, 2048 target rows), timed over `train_iters` steps since each takes
     seconds. Its checks give the most rows one of ours' LM-head products took."""
-    long = replace(shapes, batch_size=shapes.long_batch_size, source_len=shapes.long_source_len,
-                   target_len=shapes.long_target_len, lora_iters=shapes.train_iters)
+    long = at_train_py_batch(shapes)
     setup = training(long, device, lora=True, bf16=True, watch_head=True)
     setup.title += f", train.py's batch ({long.batch_size} x {long.source_len}/{long.target_len} tokens)"
     return setup

@@ -78,6 +78,13 @@ QUICK = Shapes(
 MODES = {"full": FULL, "quick": QUICK}
 
 
+def at_train_py_batch(shapes: Shapes) -> Shapes:
+    """`shapes` at train.py's default batch (the `long_*` fields), with full fine-tuning's
+    iteration count for the LoRA step, since each step takes seconds."""
+    return replace(shapes, batch_size=shapes.long_batch_size, source_len=shapes.long_source_len,
+                   target_len=shapes.long_target_len, lora_iters=shapes.train_iters)
+
+
 def on_gpu(shapes: Shapes) -> Shapes:
     """The same model and batches on a GPU: an iteration takes milliseconds there, so more of them
     are timed (and warmed up: cuBLAS and the caching allocator settle over the first few), and

@@ -144,14 +144,16 @@ def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
     assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
 
 
+@pytest.mark.parametrize("batch", ["reference", "train.py"])
 @pytest.mark.parametrize("mode", ["quick", "full"])
 @pytest.mark.parametrize("kind", ["full", "lora", "eval"])
-def test_matmul_floor_times_exactly_the_flops_the_bench_counts(mode, kind):
+def test_matmul_floor_times_exactly_the_flops_the_bench_counts(mode, kind, batch):
     from bench.floor import analytic_flops, step_products
-    from bench.shapes import MODES
+    from bench.shapes import MODES, at_train_py_batch
 
-    products = step_products(MODES[mode], kind)
-    assert sum(p.flops for p in products) == pytest.approx(analytic_flops(MODES[mode], kind), rel=1e-12)
+    shapes = MODES[mode] if batch == "reference" else at_train_py_batch(MODES[mode])
+    products = step_products(shapes, kind)
+    assert sum(p.flops for p in products) == pytest.approx(analytic_flops(shapes, kind), rel=1e-12)
 
 
 def test_matmul_floor_libraries_compute_the_same_product():
