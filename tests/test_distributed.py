@@ -13,7 +13,10 @@ import torch.multiprocessing as mp
 
 from engine.checkpointing import RunDir
 from engine.distributed import World, from_env
+from engine.lora import inject_lora, mark_only_lora_trainable
 from engine.trainer import TrainConfig, train
+from models import bart
+from models.bart import HEAD_CHUNK_ROWS
 from models.checkpoint import load_state_dict_from_dir
 from tests.test_trainer import random_split, tiny_model
 
@@ -37,8 +40,14 @@ class Crash(Exception):
 
 
 def run(out: Path, tokenizer, batch_size: int, world: World = World(), resume: bool = False,
-        crash_at: int | None = None, dropout: float = 0.0, copy_attention: float = 0.0):
+        crash_at: int | None = None, dropout: float = 0.0, copy_attention: float = 0.0, lora: bool = False):
+    """`lora`: rank-4 q/v adapters on a frozen base, and the frozen LM head's loss in 2-row chunks
+    (models/head_loss.py), whose gradient is made in the forward pass."""
     model = tiny_model(tokenizer.vocab_size, dropout=dropout)
+    if lora:
+        inject_lora(model, "q_proj,v_proj", rank=4, alpha=8.0)
+        mark_only_lora_trainable(model)
+        bart.HEAD_CHUNK_ROWS = 2  # this process only: a spawned rank or the test's own, reset below
     run_dir = RunDir(out)
     if world.is_main:
         run_dir.prepare(resume=resume, overwrite=False)
@@ -50,8 +59,12 @@ def run(out: Path, tokenizer, batch_size: int, world: World = World(), resume: b
         if state.step == crash_at:
             raise Crash
 
-    return train(model, tokenizer, random_split(26, tokenizer.vocab_size, 2), random_split(6, tokenizer.vocab_size, 3),
-                 config(batch_size, copy_attention=copy_attention), run_dir, torch.device("cpu"), resume=resume, world=world, on_step_end=crash)
+    try:
+        return train(model, tokenizer, random_split(26, tokenizer.vocab_size, 2),
+                     random_split(6, tokenizer.vocab_size, 3), config(batch_size, copy_attention=copy_attention),
+                     run_dir, torch.device("cpu"), resume=resume, world=world, on_step_end=crash)
+    finally:
+        bart.HEAD_CHUNK_ROWS = HEAD_CHUNK_ROWS
 
 
 def worker(rank: int, size: int, port: int, out: str, tokenizer, jobs: list) -> None:
@@ -111,6 +124,19 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_same_global_batch(t
     if copy_attention:  # the copy loss is averaged over both ranks' copied tokens, as in one process
         single_copy = [r["copy_attention_loss"] for r in single.history if "loss" in r]
         assert [r["copy_attention_loss"] for r in log if "loss" in r] == pytest.approx(single_copy, rel=1e-5)
+
+
+def test_two_lora_ranks_with_the_lm_head_loss_in_chunks_reach_the_weights_of_one_process(tmp_path, tokenizer):
+    single = run(tmp_path / "single", tokenizer, batch_size=4, lora=True)
+    spawn(tmp_path / "ddp", tokenizer, [{"lora": True}])
+    one, two = weights(tmp_path / "single" / "last"), weights(tmp_path / "ddp" / "last")  # adapters merged
+    q_proj = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(one[q_proj], tiny_model(tokenizer.vocab_size).state_dict()[q_proj])  # they trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-6, rtol=1e-5, msg=name)
+    log = RunDir(tmp_path / "ddp").read_log()
+    single_losses = [r["loss"] for r in single.history if "loss" in r]
+    assert [r["loss"] for r in log if "loss" in r] == pytest.approx(single_losses, rel=1e-5)
 
 
 def test_a_crashed_two_rank_run_resumes_exactly(tmp_path, tokenizer):
