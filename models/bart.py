@@ -33,6 +33,9 @@ POSITION_OFFSET = 2  # BART's learned positions start at index 2 (a fairseq lega
 # held at once: 16 x 256 target tokens are 823 MB in fp32 at a 50264-word vocabulary, 51 MB per
 # 256-row chunk. A batch of at most this many rows runs in one product.
 HEAD_CHUNK_ROWS = 256
+# Devices where a frozen head's loss with a gradient also runs in those chunks. A GPU's has not
+# been measured yet; add "cuda" here to measure it (bench case lora_bf16_long, --device cuda).
+CHUNKED_TRAINING_LOSS_DEVICES = ("cpu",)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -505,9 +508,8 @@ class BartForConditionalGeneration(nn.Module):
         needs a gradient (full fine-tuning)."""
         head_weight = self.lm_head.weight
         needs_grad = torch.is_grad_enabled() and (rows.requires_grad or head_weight.requires_grad)
-        # A GPU's chunked training loss has not been measured yet: it stays one product there.
-        if (rows.shape[0] <= HEAD_CHUNK_ROWS
-                or needs_grad and (head_weight.requires_grad or rows.device.type != "cpu")):
+        if (rows.shape[0] <= HEAD_CHUNK_ROWS or needs_grad and (
+                head_weight.requires_grad or rows.device.type not in CHUNKED_TRAINING_LOSS_DEVICES)):
             return cross_entropy(self.lm_logits(rows), labels, reduction)
         if needs_grad:
             return chunked_head_loss(self.lm_logits, rows, labels, HEAD_CHUNK_ROWS, reduction)

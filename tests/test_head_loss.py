@@ -115,3 +115,14 @@ def test_a_head_that_trains_keeps_its_logits_in_one_product(monkeypatch):
     ours(input_ids, attention_mask, labels=labels, return_logits=False).loss.backward()
     assert rows_per_call == [int((labels != -100).sum())]  # its weight's gradient needs every row's logits
     assert ours.lm_head.weight.grad is not None
+
+
+def test_a_device_left_out_of_the_chunked_training_loss_keeps_one_product(monkeypatch):
+    ours, _ = lora_twins()
+    input_ids, attention_mask, labels = padded_batch(97)
+    monkeypatch.setattr(bart, "HEAD_CHUNK_ROWS", 4)
+    monkeypatch.setattr(bart, "CHUNKED_TRAINING_LOSS_DEVICES", ())
+    rows_per_call = []
+    ours.lm_head.register_forward_hook(lambda module, args, out: rows_per_call.append(out.shape[0]))
+    ours(input_ids, attention_mask, labels=labels, return_logits=False).loss.backward()
+    assert rows_per_call == [int((labels != -100).sum())]
