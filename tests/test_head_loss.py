@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.lora import inject_lora, lora_state_dict, mark_only_lora_trainable
+from engine.peft_adapter import to_peft_key
 from models import bart, packed_weights
 from models.cross_entropy import cross_entropy
 from models.head_loss import chunked_head_loss
@@ -67,15 +68,12 @@ def lora_twins(rank: int = 4):
     mark_only_lora_trainable(ours)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
+        for p in ours.parameters():
+            if p.requires_grad:  # the adapters: B non-zero, so A gets a gradient too
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=rank, lora_alpha=8.0, lora_dropout=0.0,
                                                          target_modules=["q_proj", "v_proj"]))
-    their_state = {}
-    for key, value in lora_state_dict(ours).items():
-        path, _, name = key.rpartition(".")
-        their_state[f"base_model.model.{path}.{'lora_A' if name == 'lora_a' else 'lora_B'}.weight"] = value
+    their_state = {to_peft_key(key): value for key, value in lora_state_dict(ours).items()}
     assert not peft.set_peft_model_state_dict(theirs, their_state).unexpected_keys
     return ours.train(), theirs.train()
 
@@ -97,13 +95,11 @@ def test_lora_loss_and_gradients_with_the_head_in_chunks_match_peft(monkeypatch,
 
     assert rows_per_call == [4] * (targets // 4) + ([targets % 4] if targets % 4 else [])
     torch.testing.assert_close(out.loss, their_loss, atol=1e-5, rtol=1e-5)
-    their_grads = {name.replace("base_model.model.", "").replace(".default", ""): p.grad
-                   for name, p in theirs.named_parameters() if p.requires_grad}
+    their_grads = {name.replace(".default", ""): p.grad for name, p in theirs.named_parameters() if p.requires_grad}
     trained = {name: p for name, p in ours.named_parameters() if p.requires_grad}
     assert len(trained) == len(their_grads) > 0
     for name, param in trained.items():
-        their_name = name.replace("lora_a", "lora_A.weight").replace("lora_b", "lora_B.weight")
-        torch.testing.assert_close(param.grad, their_grads[their_name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(param.grad, their_grads[to_peft_key(name)], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_a_head_that_trains_keeps_its_logits_in_one_product(monkeypatch):
