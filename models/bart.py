@@ -511,11 +511,7 @@ class BartForConditionalGeneration(nn.Module):
         if (rows.shape[0] <= HEAD_CHUNK_ROWS or needs_grad and (
                 head_weight.requires_grad or rows.device.type not in CHUNKED_TRAINING_LOSS_DEVICES)):
             return cross_entropy(self.lm_logits(rows), labels, reduction)
-        if needs_grad:
-            return chunked_head_loss(self.lm_logits, rows, labels, HEAD_CHUNK_ROWS, reduction)
-        chunks = [slice(start, start + HEAD_CHUNK_ROWS) for start in range(0, rows.shape[0], HEAD_CHUNK_ROWS)]
-        total = sum(cross_entropy(self.lm_logits(rows[c]), labels[c], "sum") for c in chunks)
-        return total / labels.numel() if reduction == "mean" else total
+        return chunked_head_loss(self.lm_logits, rows, labels, HEAD_CHUNK_ROWS, reduction)
 
 
 def set_dropout(model: BartForConditionalGeneration, p: float) -> None:
