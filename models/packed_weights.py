@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import onednn_linear
+from models import autocast_linear, onednn_linear
 
 # Whether this torch build can prepack: CPU builds with oneDNN on an x86 CPU.
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -168,6 +168,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if packed is None:
         if onednn_linear.runs(x, weight, bias):
             return onednn_linear.linear(x, weight, bias)
+        if autocast_linear.runs(x, weight, bias):
+            return autocast_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
     # What autocast does for F.linear: x and the bias in bf16 (a no-op when they already are, and for fp32).
     x = x.to(weight.dtype)
