@@ -77,6 +77,7 @@ class Setup:
     sides: dict[str, Side]
     checks: Callable[[], dict] = dict  # sanity facts gathered after the timings
     notes: list[str] = field(default_factory=list)
+    warmup: int | None = None  # untimed iterations per side; None: the mode's `warmup`
 
 
 # --- the two training steps -------------------------------------------------------------------
@@ -206,7 +207,8 @@ def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool, watch
     kind = f"LoRA r={shapes.lora_rank} q,v" if lora else "full fine-tune"
     sides = {"ours": Side(run_ours, reset=ours_step.reset), "theirs": Side(run_theirs, reset=theirs_step.reset)}
     return Setup(f"training step, {kind}, {'bf16 autocast' if bf16 else 'fp32'}", "bf16" if bf16 else "fp32",
-                 shapes.lora_iters if lora else shapes.train_iters, sides, checks)
+                 shapes.lora_iters if lora else shapes.train_iters, sides, checks,
+                 warmup=None if lora else shapes.train_warmup)
 
 
 def lora_long(shapes: Shapes, device: torch.device) -> Setup:
@@ -399,7 +401,8 @@ CASES: dict[str, Callable[[Shapes, torch.device], Setup]] = {
 
 
 def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu")) -> dict:
-    """Warm-ups, then timed iterations with the sides alternated, then one memory pass per side.
+    """Warm-ups (`setup.warmup` if set, else `warmup`), then timed iterations with the sides
+    alternated, then one memory pass per side. The warm-ups' times are kept too (`warmup_s`).
 
     On a GPU each timed iteration starts and ends with the device idle (synchronised), so its
     wall time is the work's, queued kernels included.
@@ -417,10 +420,15 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     """
     cuda = device.type == "cuda"
     times = {name: [] for name in setup.sides}
+    warmup_times = {name: [] for name in setup.sides}
     work = {}
-    for _ in range(warmup):
-        for side in setup.sides.values():
+    for _ in range(warmup if setup.warmup is None else setup.warmup):
+        for name, side in setup.sides.items():
+            start = time.perf_counter()
             (side.warm or side.run)()
+            if cuda:
+                torch.cuda.synchronize(device)
+            warmup_times[name].append(time.perf_counter() - start)
     for _ in range(setup.iters):
         for name, side in setup.sides.items():
             if cuda:
@@ -443,7 +451,7 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     for name in setup.sides:
         median = statistics.median(times[name])
         w = work[name]
-        out[name] = {"seconds": times[name], "median_s": median, "samples_per_s": w.samples / median,
+        out[name] = {"seconds": times[name], "warmup_s": warmup_times[name], "median_s": median, "samples_per_s": w.samples / median,
                      "tokens_per_s": w.tokens / median, "flops": w.flops, "flops_per_s": w.flops / median,
                      "peak_mb": peaks[name], "steady_peak_mb": steady_peaks[name]}
     return out

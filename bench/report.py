@@ -122,7 +122,8 @@ def case_notes(results: list[dict]) -> str:
         o, t = r["sides"]["ours"], r["sides"]["theirs"]
         lines.append(
             f"- `{r['case']}`: {r['title']}. Median of {len(o['seconds'])} (s): ours "
-            f"{', '.join(f'{x:.3f}' for x in o['seconds'])}; theirs {', '.join(f'{x:.3f}' for x in t['seconds'])}. "
+            f"{', '.join(f'{x:.3f}' for x in o['seconds'])}; theirs {', '.join(f'{x:.3f}' for x in t['seconds'])}"
+            + warmups(o, t) + ". "
             f"{o['flops'] / 1e9:.1f} GFLOP per iteration; peak fp32 {peak['fp32'] / 1e9:.0f}, "
             f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; RSS after setup {r['rss_after_setup_mb']:.0f} MB; "
             + (f"GPU memory after setup {r['gpu_allocated_after_setup_mb']:.0f} MB, the process's GPU peak "
@@ -134,6 +135,14 @@ def case_notes(results: list[dict]) -> str:
                f"{', '.join(f'{x:.2f}x' for x in r['process_ratios'])} (this row: the median one)."
                if "process_ratios" in r else ""))
     return "\n".join(lines)
+
+
+def warmups(ours: dict, theirs: dict) -> str:
+    """The untimed warm-up iterations' times (results from before session 12 have none)."""
+    if not ours.get("warmup_s"):
+        return ""
+    return (f" (untimed warm-up before them: ours {', '.join(f'{x:.3f}' for x in ours['warmup_s'])}; "
+            f"theirs {', '.join(f'{x:.3f}' for x in theirs['warmup_s'])})")
 
 
 def steady_memory(ours: dict, theirs: dict) -> str:

@@ -24,6 +24,10 @@ class Shapes:
     # iterations per side, after `warmup` untimed ones, ours and theirs alternated; more where
     # an iteration is cheap, since neighbours on a shared VM make single readings vary by ~15%
     warmup: int
+    # full fine-tuning's untimed steps: in one process both sides' heaps settle over the first
+    # two (session 12, freed memory kept: ours' second step faulted 133k pages and took 3.37 s,
+    # its later ones 2.34-2.56 s with no faults; theirs' 3.07 s, then 2.67-3.04 s)
+    train_warmup: int
     lora_iters: int
     train_iters: int  # full fine-tuning
     eval_iters: int
@@ -60,7 +64,7 @@ class Shapes:
 FULL = Shapes(
     vocab_size=50264, d_model=1024, encoder_layers=12, decoder_layers=6, heads=16, ffn_dim=4096,
     max_positions=1024, batch_size=4, source_len=256, target_len=64, new_tokens=64,
-    warmup=1, lora_iters=7, train_iters=3, eval_iters=7, generate_iters=3,
+    warmup=1, train_warmup=2, lora_iters=7, train_iters=3, eval_iters=7, generate_iters=3,
     real_records=64, real_max_source=1024, real_max_target=256, real_epochs=1, tokenizer_vocab=8000,
     long_batch_size=8, long_source_len=512, long_target_len=256,
     peak_matmul_n=2048,
@@ -69,7 +73,7 @@ FULL = Shapes(
 QUICK = Shapes(
     vocab_size=2000, d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=256,
     max_positions=256, batch_size=4, source_len=32, target_len=16, new_tokens=16,
-    warmup=1, lora_iters=5, train_iters=5, eval_iters=5, generate_iters=3,
+    warmup=1, train_warmup=1, lora_iters=5, train_iters=5, eval_iters=5, generate_iters=3,
     real_records=16, real_max_source=128, real_max_target=32, real_epochs=2, tokenizer_vocab=2000,
     long_batch_size=8, long_source_len=64, long_target_len=64,
     peak_matmul_n=1024,
@@ -89,5 +93,5 @@ def on_gpu(shapes: Shapes) -> Shapes:
     """The same model and batches on a GPU: an iteration takes milliseconds there, so more of them
     are timed (and warmed up: cuBLAS and the caching allocator settle over the first few), and
     the matmul peak is taken on a product large enough to fill the chip."""
-    return replace(shapes, warmup=3, lora_iters=30, train_iters=20, eval_iters=30, generate_iters=5,
+    return replace(shapes, warmup=3, train_warmup=3, lora_iters=30, train_iters=20, eval_iters=30, generate_iters=5,
                    real_epochs=3, peak_matmul_n=8192)

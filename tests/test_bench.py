@@ -82,6 +82,24 @@ def test_memory_counts_state_an_iteration_creates_only_in_the_first_pass():
     assert theirs["steady_peak_mb"] is None and temporary_mib - 4 <= theirs["peak_mb"] < kept_mib
 
 
+def test_a_case_may_warm_up_longer_than_its_mode_and_the_warm_ups_are_timed_too():
+    from bench.cases import Setup, Side, Work, measure
+
+    calls = {"ours": 0, "theirs": 0}
+
+    def side(name: str) -> Side:
+        def run() -> Work:
+            calls[name] += 1
+            return Work(1, 1, 1.0)
+        return Side(run)
+
+    setup = Setup("fake", "fp32", 2, {"ours": side("ours"), "theirs": side("theirs")}, warmup=3)
+    out = measure(setup, warmup=1)
+    assert calls == {"ours": 3 + 2 + 1, "theirs": 3 + 2 + 1}  # warm-ups, timed iterations, the memory pass
+    assert len(out["ours"]["warmup_s"]) == 3 and len(out["ours"]["seconds"]) == 2
+    assert measure(Setup("fake", "fp32", 1, {"ours": side("ours")}), warmup=1)["ours"]["warmup_s"] != []
+
+
 def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
     results, table = run_quick("eval_bf16_weights", tmp_path)
     result = results["eval_bf16_weights"]
@@ -138,7 +156,7 @@ def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
 
     from bench.shapes import FULL, on_gpu
     gpu = on_gpu(FULL)
-    timing = {"warmup", "lora_iters", "train_iters", "eval_iters", "generate_iters", "real_epochs", "peak_matmul_n"}
+    timing = {"warmup", "train_warmup", "lora_iters", "train_iters", "eval_iters", "generate_iters", "real_epochs", "peak_matmul_n"}
     assert {k: v for k, v in asdict(gpu).items() if k not in timing} == {
         k: v for k, v in asdict(FULL).items() if k not in timing}
     assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
