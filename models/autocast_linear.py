@@ -10,7 +10,12 @@ activations peak and into backward, where the encoder's copies go only as backwa
 Here the forward pass casts the weight, multiplies and frees the cast; backward casts it again for
 the input's gradient, and the weight's own gradient needs no weight at all. Every product is the
 one autocast runs (the same `F.linear` on the same bf16 operands, and in backward the products
-autograd's addmm/mm formulas compute), so outputs and gradients are the same bits.
+autograd's addmm/mm formulas compute), so outputs and gradients are the same bits. One exception:
+a weight multiplied more than once in one autocast context (the copy-attention loss runs the last
+decoder layer's q_proj and k_proj again, engine/copy_attention.py). Autocast's cached cast then
+sums the products' bf16 weight gradients in bf16 before widening them; here each is widened and
+they add in fp32, as models/shared_cast.py sums an activation's readers. Training with
+`--copy-attention` therefore rounds differently from before, not worse.
 
 Full bf16 fine-tuning step at distilbart-cnn-12-6 shapes (batch 4 x 256/64 tokens, every large
 block mmapped so resident memory follows the live tensors): memory at the end of forward

@@ -116,6 +116,21 @@ def test_a_full_bf16_training_step_gives_autocasts_gradients_bit_for_bit(autocas
         assert torch.equal(ours[name], grad), name
 
 
+def test_a_weight_multiplied_twice_gets_its_products_gradients_added_in_fp32():
+    """Autocast's cached cast would add the two bf16 gradients in bf16; here they add in fp32."""
+    x, weight, bias = leaves((3, 7, 48), 40, True, "weight_only")
+    x2 = x.detach() * 0.5 + 1.0
+    with torch.autocast(**BF16_AUTOCAST):
+        (packed_weights.linear(x, weight, bias).float().sum() + packed_weights.linear(x2, weight, bias).float().sum()).backward()
+    separate = []
+    for inputs in (x, x2):
+        copy = weight.detach().clone().requires_grad_()
+        with torch.autocast(**BF16_AUTOCAST):
+            packed_weights.linear(inputs, copy, bias.detach()).float().sum().backward()
+        separate.append(copy.grad)
+    assert torch.equal(weight.grad, separate[0] + separate[1])
+
+
 def test_other_products_keep_autocasts_f_linear():
     x, weight, bias = leaves((3, 7, 48), 40, True, "all")
     assert not autocast_linear.runs(x, weight, bias)  # no autocast
