@@ -419,25 +419,26 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     training run's peak, since the moments outlive every step; the first step's peak creates them.
     """
     cuda = device.type == "cuda"
+
+    def timed(iteration: Callable[[], object], into: list[float]):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = iteration()
+        if cuda:
+            torch.cuda.synchronize(device)
+        into.append(time.perf_counter() - start)
+        return result
+
     times = {name: [] for name in setup.sides}
     warmup_times = {name: [] for name in setup.sides}
     work = {}
     for _ in range(warmup if setup.warmup is None else setup.warmup):
         for name, side in setup.sides.items():
-            start = time.perf_counter()
-            (side.warm or side.run)()
-            if cuda:
-                torch.cuda.synchronize(device)
-            warmup_times[name].append(time.perf_counter() - start)
+            timed(side.warm or side.run, warmup_times[name])
     for _ in range(setup.iters):
         for name, side in setup.sides.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            work[name] = side.run()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            work[name] = timed(side.run, times[name])
 
     peaks, steady_peaks = {}, {}
     for name, side in setup.sides.items():
@@ -451,8 +452,9 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     for name in setup.sides:
         median = statistics.median(times[name])
         w = work[name]
-        out[name] = {"seconds": times[name], "warmup_s": warmup_times[name], "median_s": median, "samples_per_s": w.samples / median,
-                     "tokens_per_s": w.tokens / median, "flops": w.flops, "flops_per_s": w.flops / median,
+        out[name] = {"seconds": times[name], "warmup_s": warmup_times[name], "median_s": median,
+                     "samples_per_s": w.samples / median, "tokens_per_s": w.tokens / median,
+                     "flops": w.flops, "flops_per_s": w.flops / median,
                      "peak_mb": peaks[name], "steady_peak_mb": steady_peaks[name]}
     return out
 

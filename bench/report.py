@@ -122,8 +122,7 @@ def case_notes(results: list[dict]) -> str:
         o, t = r["sides"]["ours"], r["sides"]["theirs"]
         lines.append(
             f"- `{r['case']}`: {r['title']}. Median of {len(o['seconds'])} (s): ours "
-            f"{', '.join(f'{x:.3f}' for x in o['seconds'])}; theirs {', '.join(f'{x:.3f}' for x in t['seconds'])}"
-            + warmups(o, t) + ". "
+            f"{_seconds(o['seconds'])}; theirs {_seconds(t['seconds'])}" + warmups(o, t) + ". "
             f"{o['flops'] / 1e9:.1f} GFLOP per iteration; peak fp32 {peak['fp32'] / 1e9:.0f}, "
             f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; RSS after setup {r['rss_after_setup_mb']:.0f} MB; "
             + (f"GPU memory after setup {r['gpu_allocated_after_setup_mb']:.0f} MB, the process's GPU peak "
@@ -141,8 +140,11 @@ def warmups(ours: dict, theirs: dict) -> str:
     """The untimed warm-up iterations' times (results from before session 12 have none)."""
     if not ours.get("warmup_s"):
         return ""
-    return (f" (untimed warm-up before them: ours {', '.join(f'{x:.3f}' for x in ours['warmup_s'])}; "
-            f"theirs {', '.join(f'{x:.3f}' for x in theirs['warmup_s'])})")
+    return f" (untimed warm-up before them: ours {_seconds(ours['warmup_s'])}; theirs {_seconds(theirs['warmup_s'])})"
+
+
+def _seconds(times: list[float]) -> str:
+    return ", ".join(f"{x:.3f}" for x in times)
 
 
 def steady_memory(ours: dict, theirs: dict) -> str:

@@ -93,5 +93,5 @@ def on_gpu(shapes: Shapes) -> Shapes:
     """The same model and batches on a GPU: an iteration takes milliseconds there, so more of them
     are timed (and warmed up: cuBLAS and the caching allocator settle over the first few), and
     the matmul peak is taken on a product large enough to fill the chip."""
-    return replace(shapes, warmup=3, train_warmup=3, lora_iters=30, train_iters=20, eval_iters=30, generate_iters=5,
-                   real_epochs=3, peak_matmul_n=8192)
+    return replace(shapes, warmup=3, train_warmup=3, lora_iters=30, train_iters=20, eval_iters=30,
+                   generate_iters=5, real_epochs=3, peak_matmul_n=8192)

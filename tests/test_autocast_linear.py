@@ -121,7 +121,8 @@ def test_a_weight_multiplied_twice_gets_its_products_gradients_added_in_fp32():
     x, weight, bias = leaves((3, 7, 48), 40, True, "weight_only")
     x2 = x.detach() * 0.5 + 1.0
     with torch.autocast(**BF16_AUTOCAST):
-        (packed_weights.linear(x, weight, bias).float().sum() + packed_weights.linear(x2, weight, bias).float().sum()).backward()
+        loss = sum(packed_weights.linear(inputs, weight, bias).float().sum() for inputs in (x, x2))
+    loss.backward()
     separate = []
     for inputs in (x, x2):
         copy = weight.detach().clone().requires_grad_()

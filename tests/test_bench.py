@@ -156,7 +156,8 @@ def test_gpu_shapes_keep_the_model_and_batches_and_time_more_iterations():
 
     from bench.shapes import FULL, on_gpu
     gpu = on_gpu(FULL)
-    timing = {"warmup", "train_warmup", "lora_iters", "train_iters", "eval_iters", "generate_iters", "real_epochs", "peak_matmul_n"}
+    timing = {"warmup", "train_warmup", "lora_iters", "train_iters", "eval_iters", "generate_iters", "real_epochs",
+              "peak_matmul_n"}
     assert {k: v for k, v in asdict(gpu).items() if k not in timing} == {
         k: v for k, v in asdict(FULL).items() if k not in timing}
     assert all(getattr(gpu, k) >= getattr(FULL, k) for k in timing) and gpu.lora_iters > FULL.lora_iters
