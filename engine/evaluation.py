@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from data.batching import LengthGroupedSampler, TokenizedSplit, collate
+from models import packed_weights
 
 
 @dataclass
@@ -37,12 +38,21 @@ def evaluate_loss(model, split: TokenizedSplit, batch_size: int, device, pad_tok
     start = time.perf_counter()
     total, tokens = 0.0, 0
     batches = LengthGroupedSampler(split.lengths(), batch_size, shuffle=False).epoch_batches(0)
-    for indices in batches if progress is None else progress(batches):
-        batch = collate(split, indices, pad_token_id, decoder_start_token_id).to(device)
-        with autocast or nullcontext():
-            out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
-                        return_logits=False, loss_reduction="sum")
-        total += float(out.loss)
-        tokens += out.num_target_tokens
+    # Several batches under CPU bf16 autocast: each fp32 weight is cast (and packed) once for the
+    # whole pass rather than once per batch. One batch would gain nothing for the memory.
+    casts = packed_weights.linear_weights(model) if len(batches) > 1 and _cpu_bf16(autocast) else []
+    with packed_weights.packed_casts(casts):
+        for indices in batches if progress is None else progress(batches):
+            batch = collate(split, indices, pad_token_id, decoder_start_token_id).to(device)
+            with autocast or nullcontext():
+                out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
+                            return_logits=False, loss_reduction="sum")
+            total += float(out.loss)
+            tokens += out.num_target_tokens
     model.train(was_training)
     return LossReport(total / max(tokens, 1), tokens, len(split), time.perf_counter() - start)
+
+
+def _cpu_bf16(autocast) -> bool:
+    return (isinstance(autocast, torch.autocast) and autocast.device == "cpu"
+            and autocast.fast_dtype == torch.bfloat16)

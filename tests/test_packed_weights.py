@@ -212,6 +212,120 @@ def test_a_held_copy_is_not_used_outside_autocast_or_for_a_trainable_weight_and_
     assert fresh is not stale and torch.equal(fresh, weight.bfloat16())
 
 
+def fp32_layer(seed: int = 7) -> packed_weights.Linear:
+    torch.manual_seed(seed)
+    return packed_weights.Linear(48, 80)  # fp32 and trainable, as a full fine-tune holds it
+
+
+def spy_on_products(monkeypatch) -> list[torch.Tensor]:
+    """The weights `packed_weights.linear` hands oneDNN's product from now on."""
+    weights = []
+    real = packed_weights.onednn_linear.product
+
+    def product(x, weight, bias=None):
+        weights.append(weight)
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(packed_weights.onednn_linear, "product", product)
+    return weights
+
+
+@needs_bf16
+def test_packed_casts_give_autocasts_products_on_a_pack_and_are_dropped_when_the_block_ends(monkeypatch):
+    layer = fp32_layer()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 16, 48, generator=g)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as validation runs
+        expected = [torch.nn.functional.linear(x, layer.weight, layer.bias),
+                    torch.nn.functional.linear(x[0], layer.weight, layer.bias),
+                    torch.nn.functional.linear(x.bfloat16(), layer.weight, layer.bias)]
+        products = spy_on_products(monkeypatch)
+        with packed_weights.packed_casts([layer.weight]):
+            got = [layer(x), layer(x[0]), layer(x.bfloat16())]
+        assert len(products) == 3 and all(w.is_mkldnn and w.dtype == torch.bfloat16 for w in products)
+        assert id(layer.weight) not in packed_weights._cast_packs
+        products.clear()
+        layer(x)  # after the block: autocast's cast again
+        assert not any(w.is_mkldnn for w in products)
+    for out, reference in zip(got, expected):
+        assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+    assert layer.weight.dtype == torch.float32 and layer.weight.requires_grad  # the weight is left as it was
+    with pytest.raises(ValueError), packed_weights.packed_casts([layer.weight]):
+        raise ValueError("a failed validation")
+    assert not packed_weights._cast_packs  # dropped however the block ends
+
+
+@needs_bf16
+def test_a_packed_cast_is_not_used_where_autocast_would_give_other_numbers_or_a_gradient_is_needed():
+    layer = fp32_layer()
+    x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(9))
+    with packed_weights.packed_casts([layer.weight]):
+        assert id(layer.weight) in packed_weights._cast_packs
+        with torch.no_grad():
+            assert packed_weights.cast_pack(x, layer.weight, layer.bias) is None  # no autocast: fp32
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+            with torch.autocast("cpu", dtype=torch.float16):
+                assert packed_weights.cast_pack(x, layer.weight, layer.bias) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert packed_weights.cast_pack(x, layer.weight, layer.bias) is not None
+                assert packed_weights.cast_pack(x.transpose(0, 1), layer.weight, layer.bias) is None  # strided
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert packed_weights.cast_pack(x, layer.weight, layer.bias) is None  # the weight needs a gradient
+            layer(x).float().sum().backward()
+        assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)  # changed inside the block: its pack is stale
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert packed_weights.cast_pack(x, layer.weight, layer.bias) is None
+                assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@needs_bf16
+def test_packed_casts_leave_bf16_weights_held_copies_and_switched_off_packing_alone(monkeypatch):
+    bf16, held, plain = bf16_layer().weight, parameter(80, 48, seed=10), fp32_layer().weight
+    packed_weights.hold_autocast_copy(held, torch.bfloat16)
+    with packed_weights.packed_casts([bf16, held, plain]):
+        assert set(packed_weights._cast_packs) == {id(plain)}
+        with packed_weights.packed_casts([plain]):  # nested: the outer block's pack stays until it ends
+            pass
+        assert set(packed_weights._cast_packs) == {id(plain)}
+    packed_weights.release([held])
+    monkeypatch.setattr(packed_weights, "_enabled", False)  # the scripts' --no-weight-packs
+    with packed_weights.packed_casts([plain]):
+        assert not packed_weights._cast_packs
+
+
+def packs_seen_per_forward(model) -> list[int]:
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(packed_weights._cast_packs)))
+    return seen
+
+
+@needs_bf16
+@pytest.mark.parametrize("records", [12, 4], ids=["three batches", "one batch"])
+def test_validation_under_bf16_autocast_casts_each_weight_once_per_pass_with_the_same_loss(records, monkeypatch):
+    from data.batching import TokenizedSplit
+    from engine.evaluation import evaluate_loss
+    _, model = build_pair("d32-b")  # fp32 weights that need gradients: full fine-tuning's validation
+    g = torch.Generator().manual_seed(11)
+    rows = lambda n: [[0, *torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist(), 2]
+                      for _ in range(records)]
+    split = TokenizedSplit(rows(13), rows(6))
+    config = model.config
+
+    def validate():
+        return evaluate_loss(model, split, 4, "cpu", config.pad_token_id, config.decoder_start_token_id,
+                             torch.autocast("cpu", dtype=torch.bfloat16)).loss
+
+    seen = packs_seen_per_forward(model)
+    loss = validate()
+    linears = len(packed_weights.linear_weights(model))
+    assert seen == ([linears] * 3 if records == 12 else [0])  # one batch: nothing to share a cast with
+    assert not packed_weights._cast_packs
+    monkeypatch.setattr(packed_weights, "_enabled", False)
+    assert validate() == loss  # every batch cast by autocast itself: the same loss, bit for bit
+
+
 def decoder_weight_ids(model) -> set[int]:
     return {id(p) for p in per_token_weights(model)}
 
