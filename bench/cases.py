@@ -221,25 +221,28 @@ def lora_long(shapes: Shapes, device: torch.device) -> Setup:
     return setup
 
 
-def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") -> Setup:
+def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16", batches: int = 1) -> Setup:
     """`precision` "bf16": ours is validation inside train.py (fp32 weights under bf16 autocast);
     "bf16_weights": evaluate.py --dtype bf16, which loads the model through `cast_for_inference`;
     "fp32": evaluate.py's default. Theirs is Trainer's evaluation, with bf16=True (autocast over
-    fp32 weights) for both bf16 cases and without it for fp32."""
+    fp32 weights) for both bf16 cases and without it for fp32. An iteration evaluates a split of
+    `batches` batches: ours in one `evaluate_loss` call, theirs batch by batch, each under its own
+    autocast as Trainer's prediction_step runs it (train.py validates 320 records, 40 batches, by default)."""
     ours, theirs = (model.eval() for model in twin_pair(shapes, device))
     if precision == "bf16_weights":
         cast_for_inference(ours, torch.bfloat16)
     elif precision == "fp32":
         ours.requires_grad_(False)  # frozen, as load_for_inference loads it
     autocast = bf16_autocast(precision != "fp32", device)
-    split = twins.synthetic_split(shapes)
-    batch = twins.batch_of(split, ours.config).to(device)
-    m = flops.Dims.of(ours.config)
-    work = Work(len(batch), twins.real_tokens(batch),
-                flops.evaluate(m, shapes.source_len, shapes.target_len) * len(batch))
-    losses = {}
-    inputs = hf_inputs(batch)
     config = ours.config
+    split = twins.synthetic_split(shapes, n=shapes.batch_size * batches)
+    parts = [collate(split, range(start, start + shapes.batch_size), config.pad_token_id,
+                     config.decoder_start_token_id).to(device) for start in range(0, len(split), shapes.batch_size)]
+    m = flops.Dims.of(config)
+    work = Work(len(split), sum(twins.real_tokens(batch) for batch in parts),
+                flops.evaluate(m, shapes.source_len, shapes.target_len) * len(split))
+    losses = {}
+    their_inputs = [hf_inputs(batch) for batch in parts]
 
     def run_ours() -> Work:
         report = evaluate_loss(ours, split, shapes.batch_size, device, config.pad_token_id,
@@ -248,9 +251,13 @@ def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") ->
         return work
 
     def run_theirs() -> Work:
-        # what Trainer.prediction_step does: no_grad, autocast if bf16, the model's own loss
-        with torch.no_grad(), autocast or nullcontext():
-            losses["theirs"] = float(theirs(**inputs).loss)
+        # what Trainer.prediction_step does per batch: no_grad, autocast if bf16, the model's own
+        # loss; every batch has as many target tokens, so the mean of the batch means is the split's
+        batch_losses = []
+        for inputs in their_inputs:
+            with torch.no_grad(), autocast or nullcontext():
+                batch_losses.append(float(theirs(**inputs).loss))
+        losses["theirs"] = statistics.fmean(batch_losses)
         return work
 
     def checks() -> dict:
@@ -261,6 +268,8 @@ def evaluation(shapes: Shapes, device: torch.device, precision: str = "bf16") ->
              "bf16_weights": "evaluation loss (teacher forced), bf16: ours evaluate.py --dtype bf16 (bf16 weights + "
                              "autocast), theirs autocast",
              "fp32": "evaluation loss (teacher forced), fp32 (evaluate.py's default)"}[precision]
+    if batches > 1:
+        title += f", a split of {batches} batches per iteration (train.py's validation)"
     sides = {"ours": Side(run_ours), "theirs": Side(run_theirs)}
     return Setup(title, "bf16" if autocast else "fp32", shapes.eval_iters, sides, checks)
 
@@ -389,6 +398,7 @@ CASES: dict[str, Callable[[Shapes, torch.device], Setup]] = {
     "full_bf16": lambda s, d: training(s, d, lora=False, bf16=True),
     "full_fp32": lambda s, d: training(s, d, lora=False, bf16=False),
     "eval_bf16": evaluation,
+    "eval_bf16_split": lambda s, d: evaluation(s, d, "bf16", batches=s.eval_split_batches),
     "eval_bf16_weights": lambda s, d: evaluation(s, d, "bf16_weights"),
     "eval_fp32": lambda s, d: evaluation(s, d, "fp32"),
     "beam4": lambda s, d: generation(s, d, beams=4),

@@ -26,8 +26,8 @@ from pathlib import Path
 from models.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-CASE_NAMES = ("lora_bf16", "lora_bf16_long", "full_bf16", "full_fp32", "eval_bf16", "eval_bf16_weights", "eval_fp32",
-              "beam4", "greedy", "real_epoch")
+CASE_NAMES = ("lora_bf16", "lora_bf16_long", "full_bf16", "full_fp32", "eval_bf16", "eval_bf16_split",
+              "eval_bf16_weights", "eval_fp32", "beam4", "greedy", "real_epoch")
 
 
 def _setup_torch(threads: int):

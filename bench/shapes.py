@@ -31,6 +31,8 @@ class Shapes:
     lora_iters: int
     train_iters: int  # full fine-tuning
     eval_iters: int
+    # case eval_bf16_split: the batches of the split one iteration evaluates, as validation does
+    eval_split_batches: int
     generate_iters: int
     # real-length workload (MTS-Dialog)
     real_records: int
@@ -64,7 +66,8 @@ class Shapes:
 FULL = Shapes(
     vocab_size=50264, d_model=1024, encoder_layers=12, decoder_layers=6, heads=16, ffn_dim=4096,
     max_positions=1024, batch_size=4, source_len=256, target_len=64, new_tokens=64,
-    warmup=1, train_warmup=2, lora_iters=7, train_iters=3, eval_iters=7, generate_iters=3,
+    warmup=1, train_warmup=2, lora_iters=7, train_iters=3, eval_iters=7, eval_split_batches=8,
+    generate_iters=3,
     real_records=64, real_max_source=1024, real_max_target=256, real_epochs=1, tokenizer_vocab=8000,
     long_batch_size=8, long_source_len=512, long_target_len=256,
     peak_matmul_n=2048,
@@ -73,7 +76,8 @@ FULL = Shapes(
 QUICK = Shapes(
     vocab_size=2000, d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=256,
     max_positions=256, batch_size=4, source_len=32, target_len=16, new_tokens=16,
-    warmup=1, train_warmup=1, lora_iters=5, train_iters=5, eval_iters=5, generate_iters=3,
+    warmup=1, train_warmup=1, lora_iters=5, train_iters=5, eval_iters=5, eval_split_batches=3,
+    generate_iters=3,
     real_records=16, real_max_source=128, real_max_target=32, real_epochs=2, tokenizer_vocab=2000,
     long_batch_size=8, long_source_len=64, long_target_len=64,
     peak_matmul_n=1024,

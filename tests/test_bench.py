@@ -109,6 +109,16 @@ def test_evaluation_on_bf16_weights_gives_transformers_autocast_loss(tmp_path):
     assert "| eval_bf16_weights |" in table
 
 
+def test_validation_over_a_split_gives_transformers_autocast_loss_per_batch(tmp_path):
+    results, table = run_quick("eval_bf16_split", tmp_path)
+    result = results["eval_bf16_split"]
+    # the same fp32 weights under bf16 autocast; ours casts each weight once for the split, theirs
+    # once per batch: the same casts, so only the two models' own differences remain (as eval_bf16)
+    assert result["checks"]["loss_rel_diff"] < 1e-4
+    assert result["sides"]["ours"]["samples_per_s"] > 0
+    assert "| eval_bf16_split |" in table and "a split of 3 batches" in table
+
+
 def test_fp32_evaluation_gives_transformers_loss(tmp_path):
     results, table = run_quick("eval_fp32", tmp_path)
     # the same fp32 model; only the products' summation order differs (oneDNN against MKL)
