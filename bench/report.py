@@ -11,6 +11,7 @@ TARGETS = [
     ("lora_bf16", "LoRA training step ours/theirs >= 1.3x", 1.3, "ratio"),
     ("full_bf16", "full fine-tune bf16 ours/theirs >= 1.3x", 1.3, "ratio"),
     ("eval_bf16", "evaluation loss ours/theirs >= 1.3x", 1.3, "ratio"),
+    ("eval_bf16_split", "evaluation loss over a split, as train.py validates, ours/theirs >= 1.3x", 1.3, "ratio"),
     ("eval_bf16_weights", "evaluation loss as evaluate.py --dtype bf16 runs it, ours/theirs >= 1.3x", 1.3, "ratio"),
     ("eval_fp32", "evaluation loss as evaluate.py runs it by default (fp32), ours/theirs >= 1.3x", 1.3, "ratio"),
     ("real_epoch", "real-length epoch ours/theirs >= 1.5x", 1.5, "ratio"),
