@@ -32,6 +32,7 @@ from engine.frozen_weights import hold_frozen_linears_in, restore_originals
 from engine.lora import LoRAConfig
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.schedule import set_lr
+from models.lookup_grad import adding_rows_into_grad
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -131,7 +132,8 @@ def accumulate_gradients(model, micro_batches: list, device, autocast=None, scal
         batch = batch.to(device)
         last = i == len(micro_batches) - 1
         with nullcontext() if last or not world.distributed else model.no_sync():
-            with autocast or nullcontext():
+            # DDP's all-reduce starts from gradient hooks, which the rows added into .grad bypass
+            with autocast or nullcontext(), adding_rows_into_grad(not world.distributed):
                 out = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, labels=batch.labels,
                             return_logits=False, loss_reduction="sum")
                 loss = out.loss * world.size / num_tokens

@@ -24,6 +24,7 @@ from models.cross_entropy import cross_entropy
 from models.dropout import dropout
 from models.errors import ModelError
 from models.head_loss import chunked_head_loss
+from models.lookup_grad import lookup
 from models.packed_weights import Linear
 from models.shared_cast import cast_for_readers
 
@@ -320,7 +321,7 @@ class LayerStack(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
 
     def embed(self, input_ids: Tensor, past: int = 0) -> Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1], past)
+        x = lookup(self.embed_tokens, input_ids) * self.embed_scale + self.embed_positions(input_ids.shape[1], past)
         return dropout(self.layernorm_embedding(x), self.dropout, self.training)
 
 
