@@ -67,6 +67,7 @@ class Side:
     warm: Callable[[], object] | None = None  # the untimed warm-up; `run` when None
     memory: Callable[[], object] | None = None  # the memory pass; `run` when None
     reset: Callable[[], None] | None = None  # drop persistent state (optimizer moments) before it
+    state_mb: Callable[[], float] | None = None  # the MB of that state now
 
 
 @dataclass
@@ -104,6 +105,11 @@ class Step:
     def reset(self) -> None:
         """Forget the optimizer moments, so the next step allocates them again (memory pass)."""
         self.optimizer.state.clear()
+
+    def state_mb(self) -> float:
+        """The optimizer state's tensors (moments, step counts), in MB."""
+        return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t)) / 2**20
 
 
 class OurStep(Step):
@@ -205,7 +211,8 @@ def training(shapes: Shapes, device: torch.device, lora: bool, bf16: bool, watch
         return {"our_largest_head_rows": max(head_rows), "target_rows": int((batch.labels != -100).sum())}
 
     kind = f"LoRA r={shapes.lora_rank} q,v" if lora else "full fine-tune"
-    sides = {"ours": Side(run_ours, reset=ours_step.reset), "theirs": Side(run_theirs, reset=theirs_step.reset)}
+    sides = {"ours": Side(run_ours, reset=ours_step.reset, state_mb=ours_step.state_mb),
+             "theirs": Side(run_theirs, reset=theirs_step.reset, state_mb=theirs_step.state_mb)}
     return Setup(f"training step, {kind}, {'bf16 autocast' if bf16 else 'fp32'}", "bf16" if bf16 else "fp32",
                  shapes.lora_iters if lora else shapes.train_iters, sides, checks,
                  warmup=None if lora else shapes.train_warmup)
@@ -425,8 +432,9 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     allocated. Every lazy one-time initialisation has happened by then, on both sides.
 
     A side with persistent state first gets the same pass with its state kept (`steady_peak_mb`):
-    what every step after the first adds on top of weights and moments. That is what sets a
-    training run's peak, since the moments outlive every step; the first step's peak creates them.
+    what every step after the first adds on top of weights and moments. A training run's peak
+    over its weights (`run_peak_mb`) is the larger of the first step's and a later step's plus
+    the state (`state_mb`, the moments' tensors), since the moments outlive every step.
     """
     cuda = device.type == "cuda"
 
@@ -450,13 +458,16 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
         for name, side in setup.sides.items():
             work[name] = timed(side.run, times[name])
 
-    peaks, steady_peaks = {}, {}
+    peaks, steady_peaks, states, run_peaks = {}, {}, {}, {}
     for name, side in setup.sides.items():
-        steady_peaks[name] = None
+        steady_peaks[name] = states[name] = None
         if side.reset is not None:
             steady_peaks[name] = memory_pass(side, device)
+            states[name] = side.state_mb() if side.state_mb is not None else None
             side.reset()
         peaks[name] = memory_pass(side, device)
+        run_peaks[name] = (max(peaks[name], steady_peaks[name] + states[name])
+                           if None not in (peaks[name], steady_peaks[name], states[name]) else None)
 
     out = {}
     for name in setup.sides:
@@ -465,7 +476,8 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
         out[name] = {"seconds": times[name], "warmup_s": warmup_times[name], "median_s": median,
                      "samples_per_s": w.samples / median, "tokens_per_s": w.tokens / median,
                      "flops": w.flops, "flops_per_s": w.flops / median,
-                     "peak_mb": peaks[name], "steady_peak_mb": steady_peaks[name]}
+                     "peak_mb": peaks[name], "steady_peak_mb": steady_peaks[name], "state_mb": states[name],
+                     "run_peak_mb": run_peaks[name]}
     return out
 
 

@@ -19,6 +19,7 @@ TARGETS = [
     ("lora_bf16", "LoRA bf16 step at >= 70% of the measured bf16 matmul peak", 0.70, "ours_frac"),
 ]
 MEMORY_TARGET = 0.9
+RUN_PEAK = " (a run's peak)"
 
 
 MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
@@ -76,6 +77,8 @@ def derive(result: dict) -> dict:
     result["theirs_frac"] = theirs["flops_per_s"] / peak
     if ours["peak_mb"] is not None and theirs["peak_mb"]:
         result["mem_ratio"] = ours["peak_mb"] / theirs["peak_mb"]
+    if ours.get("run_peak_mb") is not None and theirs.get("run_peak_mb"):
+        result["run_mem_ratio"] = ours["run_peak_mb"] / theirs["run_peak_mb"]
     return result
 
 
@@ -153,7 +156,13 @@ def steady_memory(ours: dict, theirs: dict) -> str:
     o, t = ours.get("steady_peak_mb"), theirs.get("steady_peak_mb")
     if o is None or not t:
         return ""
-    return f"; a later step (optimizer state kept) adds ours {o:.0f}, theirs {t:.0f} MB ({o / t:.2f})"
+    note = f"; a later step (optimizer state kept) adds ours {o:.0f}, theirs {t:.0f} MB ({o / t:.2f})"
+    ro, rt = ours.get("run_peak_mb"), theirs.get("run_peak_mb")
+    if ro is None or not rt:
+        return note
+    return (note + f"; a run's peak (the larger of the first step and a later step plus the optimizer state: "
+            f"ours {ours['state_mb']:.0f}, theirs {theirs['state_mb']:.0f} MB) ours {ro:.0f}, theirs {rt:.0f} MB "
+            f"({ro / rt:.2f})")
 
 
 def _fmt(v) -> str:
@@ -171,12 +180,15 @@ def targets(results: list[dict]) -> str:
         value = r[key]
         shown = f"{100 * value:.1f}%" if key == "ours_frac" else f"{value:.2f}x"
         lines.append(f"- {what}: {shown} — **{'met' if value >= threshold else 'NOT met'}**")
-    mem = {c: r["mem_ratio"] for c, r in by_case.items() if r.get("mem_ratio") is not None}
+    # a training case is judged on a run's peak (its optimizer state outlives every step), the others on one iteration
+    mem = {c: (r.get("run_mem_ratio", r.get("mem_ratio")), "run_mem_ratio" in r) for c, r in by_case.items()
+           if r.get("mem_ratio") is not None}
     if mem:
-        met = all(v <= MEMORY_TARGET for v in mem.values())
+        met = all(v <= MEMORY_TARGET for v, _ in mem.values())
+        per_case = [f"{c} {v:.2f}x{RUN_PEAK if run else ''} ({'met' if v <= MEMORY_TARGET else 'not met'})"
+                    for c, (v, run) in mem.items()]
         lines.append(f"- peak memory ours/theirs <= {MEMORY_TARGET}x in every case: **{'met' if met else 'NOT met'}**; "
-                     "per case: " + ", ".join(f"{c} {v:.2f}x ({'met' if v <= MEMORY_TARGET else 'not met'})"
-                                             for c, v in mem.items()))
+                     "per case: " + ", ".join(per_case))
     return "\n".join(lines)
 
 
