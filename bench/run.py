@@ -126,7 +126,9 @@ def profile(case: str, mode: str, threads: int, side: str, iters: int, rows: int
     device = torch.device(device_name)
     setup = cases.CASES[case](MODES[mode], device)
     chosen = setup.sides[side]
-    (chosen.warm or chosen.run)()
+    # as many warm-ups as the timed run gives the case (full fine-tuning's heap settles over two steps)
+    for _ in range(MODES[mode].warmup if setup.warmup is None else setup.warmup):
+        (chosen.warm or chosen.run)()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

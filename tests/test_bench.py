@@ -252,3 +252,18 @@ def test_memory_target_judges_a_training_case_on_a_runs_peak_and_others_on_one_i
     line = targets([training, evaluation]).splitlines()[-1]
     assert "**NOT met**" in line
     assert "full_bf16 0.93x (a run's peak) (not met)" in line and "eval_bf16 0.85x (met)" in line
+
+
+def test_a_profile_warms_the_side_up_as_often_as_the_timed_run_does(monkeypatch):
+    from bench import cases, run
+    from bench.cases import Setup, Side, Work
+
+    calls = []
+
+    def fake_case(shapes, device):
+        return Setup("fake", "fp32", 1, {"ours": Side(lambda: calls.append("run") or Work(1, 1, 1.0))}, warmup=2)
+
+    monkeypatch.setitem(cases.CASES, "full_bf16", fake_case)
+    table = run.profile("full_bf16", "quick", threads=1, side="ours", iters=3, rows=5)
+    assert calls == ["run"] * (2 + 3)  # the case's own two warm-ups (full fine-tuning's), then 3 profiled
+    assert "fake: ours, 3 iteration(s)" in table
