@@ -120,10 +120,14 @@ def prepacked(weight: Tensor) -> Tensor:
     entry = _packs.get(id(weight))
     if entry is not None and entry.is_current(weight):
         return entry.made
-    # Outside inference mode, so the pack is an ordinary tensor whatever mode the caller is in.
+    return _Entry(weight, _reorder(weight), _packs).made
+
+
+def _reorder(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """oneDNN's blocked copy of `weight` (cast to `dtype` first, if given). Made outside inference
+    mode, so the pack is an ordinary tensor whatever mode the caller is in."""
     with torch.inference_mode(False), torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    return _Entry(weight, packed, _packs).made
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype or weight.dtype))
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -279,9 +283,7 @@ def packed_casts(weights: Iterable[Tensor]) -> Iterator[None]:
         for weight in weights:
             if (weight.dtype == torch.float32 and can_pack(weight) and id(weight) not in _copies
                     and id(weight) not in _cast_packs):
-                with torch.inference_mode(False), torch.no_grad():
-                    pack = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16))
-                _Entry(weight, pack, _cast_packs)
+                _Entry(weight, _reorder(weight, torch.bfloat16), _cast_packs)
                 made.append(weight)
     try:
         yield
