@@ -80,6 +80,10 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     warmup: int | None = None  # untimed iterations per side; None: the mode's `warmup`
 
+    def warmups(self, mode_warmup: int) -> int:
+        """The untimed iterations each side gets before it is timed or profiled."""
+        return mode_warmup if self.warmup is None else self.warmup
+
 
 # --- the two training steps -------------------------------------------------------------------
 
@@ -451,7 +455,7 @@ def measure(setup: Setup, warmup: int, device: torch.device = torch.device("cpu"
     times = {name: [] for name in setup.sides}
     warmup_times = {name: [] for name in setup.sides}
     work = {}
-    for _ in range(warmup if setup.warmup is None else setup.warmup):
+    for _ in range(setup.warmups(warmup)):
         for name, side in setup.sides.items():
             timed(side.warm or side.run, warmup_times[name])
     for _ in range(setup.iters):

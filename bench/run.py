@@ -127,7 +127,7 @@ def profile(case: str, mode: str, threads: int, side: str, iters: int, rows: int
     setup = cases.CASES[case](MODES[mode], device)
     chosen = setup.sides[side]
     # as many warm-ups as the timed run gives the case (full fine-tuning's heap settles over two steps)
-    for _ in range(MODES[mode].warmup if setup.warmup is None else setup.warmup):
+    for _ in range(setup.warmups(MODES[mode].warmup)):
         (chosen.warm or chosen.run)()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
