@@ -280,7 +280,11 @@ def packed_casts(weights: Iterable[Tensor]) -> Iterator[None]:
     Weights with a held copy (`hold_autocast_copy`) and bf16 ones (already packed) are left alone."""
     made = []
     if BF16_AVAILABLE:
-        for weight in weights:
+        # Largest first: each pack is reordered from a plain bf16 cast that is freed right after,
+        # and the LM head's (103 MB at distilbart-cnn-12-6 shapes) left a hole no later block
+        # filled when it came last. First, the smaller casts and packs fit into its hole. Bench
+        # eval_bf16_split, memory over the weights: +786-791 -> +653-721 MB (packs: 612 MB).
+        for weight in sorted(weights, key=Tensor.numel, reverse=True):
             if (weight.dtype == torch.float32 and can_pack(weight) and id(weight) not in _copies
                     and id(weight) not in _cast_packs):
                 _Entry(weight, _reorder(weight, torch.bfloat16), _cast_packs)

@@ -295,6 +295,20 @@ def test_packed_casts_leave_bf16_weights_held_copies_and_switched_off_packing_al
         assert not packed_weights._cast_packs
 
 
+@needs_bf16
+def test_packed_casts_pack_the_largest_weight_first_so_its_casts_memory_is_reused(monkeypatch):
+    small, large, middle = parameter(16, 48, seed=11), parameter(96, 48, seed=12), parameter(40, 48, seed=13)
+    for weight in (small, large, middle):
+        weight.requires_grad_(True)
+    order = []
+    reorder = packed_weights._reorder
+    monkeypatch.setattr(packed_weights, "_reorder",
+                        lambda weight, dtype=None: order.append(weight.shape[0]) or reorder(weight, dtype))
+    with packed_weights.packed_casts([small, large, middle]):
+        assert set(packed_weights._cast_packs) == {id(small), id(large), id(middle)}
+    assert order == [96, 40, 16]
+
+
 def packs_seen_per_forward(model) -> list[int]:
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(len(packed_weights._cast_packs)))
