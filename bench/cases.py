@@ -36,6 +36,7 @@ from bench.shapes import Shapes, at_train_py_batch
 from data.batching import LengthGroupedSampler, collate, padding_fraction, tokenize
 from engine.evaluation import evaluate_loss
 from engine.frozen_weights import hold_frozen_linears_in
+from engine.grad_clip import clip_coefficient
 from engine.lora import inject_lora, mark_only_lora_trainable
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.trainer import accumulate_gradients
@@ -117,7 +118,8 @@ class Step:
 
 
 class OurStep(Step):
-    """The product's step: token-normalised backward, clip, engine.optim.AdamW."""
+    """The product's step: token-normalised backward, clip's coefficient, engine.optim.AdamW scaling the
+    gradients by it as it reads them (what engine.trainer does)."""
 
     def __init__(self, model, shapes: Shapes, autocast, device: torch.device):
         self.model, self.autocast, self.device, self.params = model, autocast, device, trainable(model)
@@ -126,8 +128,7 @@ class OurStep(Step):
 
     def __call__(self, batch) -> float:
         loss = accumulate_gradients(self.model, [batch], self.device, self.autocast, None)
-        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-        self.optimizer.step()
+        self.optimizer.step(clip_coef=clip_coefficient(self.params, MAX_GRAD_NORM)[1])
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 

@@ -12,6 +12,10 @@ temporary (the denominator) stays small. Big fp32 CPU models can instead use one
 elements): ~3x faster than the eager ops, equal to them within 1e-6, at a one-off compile of
 ~15 s. If compiling fails, the optimizer
 warns once and goes on with the eager ops.
+
+`step(clip_coef=c)` multiplies each gradient by the 0-dim tensor `c` as the update reads it, the
+product `clip_grad_norm_` would have written back into the gradient first (engine/grad_clip.py);
+the gradients themselves are left as they are.
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ class AdamW(torch.optim.Optimizer):
         self._scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             clip_coef: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One update. `clip_coef`: a 0-dim tensor every gradient is multiplied by first, as
+        `engine.grad_clip.clip_coefficient` gives it (None: the gradients as they are)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -112,18 +119,19 @@ class AdamW(torch.optim.Optimizer):
             hyper = Hyper.of(group)
             for (device, dtype), lists in buckets.items():
                 if device.type == "cpu" and self._use_compiled(dtype, lists[0]):
-                    self._compiled_update(*lists, hyper)
+                    self._compiled_update(*lists, hyper, clip_coef)
                 elif device.type == "cpu":
-                    _adamw_update_cpu(*lists, hyper, self._scratch(dtype))
+                    _adamw_update_cpu(*lists, hyper, self._scratch(dtype), clip_coef)
                 else:
-                    _adamw_update(*lists, hyper)
+                    _adamw_update(*lists, hyper, clip_coef)
         return loss
 
     def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
-        """One reused buffer per dtype for the CPU denominator: no allocation per step."""
+        """One reused [2, CPU_CHUNK_NUMEL] buffer per dtype for a CPU slice's denominator and its
+        clipped gradient: no allocation per step."""
         buffers = self._scratch_buffers
-        if dtype not in buffers or buffers[dtype].numel() != CPU_CHUNK_NUMEL:
-            buffers[dtype] = torch.empty(CPU_CHUNK_NUMEL, dtype=dtype)
+        if dtype not in buffers or buffers[dtype].shape != (2, CPU_CHUNK_NUMEL):
+            buffers[dtype] = torch.empty(2, CPU_CHUNK_NUMEL, dtype=dtype)
         return buffers[dtype]
 
     def _use_compiled(self, dtype: torch.dtype, params: list[torch.Tensor]) -> bool:
@@ -132,14 +140,16 @@ class AdamW(torch.optim.Optimizer):
             return False
         return self.compile or sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL
 
-    def _compiled_update(self, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> None:
+    def _compiled_update(self, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper,
+                         clip_coef: torch.Tensor | None) -> None:
+        grad_factor = 1.0 if clip_coef is None else float(clip_coef)  # fp32, so the same product
         for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
             if not all(x.is_contiguous() for x in (p, g, m, v)):
-                _adamw_update_cpu([p], [g], [m], [v], [step], hyper, self._scratch(p.dtype))
+                _adamw_update_cpu([p], [g], [m], [v], [step], hyper, self._scratch(p.dtype), clip_coef)
                 continue
             t = step.item() + 1.0
             factors = torch.tensor([hyper.decay, 1.0 - hyper.beta1, hyper.beta2, 1.0 - hyper.beta2,
-                                    hyper.bias_correction2_sqrt(t), hyper.eps, hyper.step_size(t)])
+                                    hyper.bias_correction2_sqrt(t), hyper.eps, hyper.step_size(t), grad_factor])
             try:
                 _compiled_adamw()(p.view(-1), g.view(-1), m.view(-1), v.view(-1), factors)
             except Exception as exc:  # no C++ compiler, unsupported platform, ...: the eager ops still work
@@ -147,16 +157,17 @@ class AdamW(torch.optim.Optimizer):
                               "using the eager update", stacklevel=3)
                 self._compile_failed = True
                 _adamw_update_cpu(params[i:], grads[i:], exp_avgs[i:], exp_avg_sqs[i:], steps[i:], hyper,
-                                  self._scratch(p.dtype))
+                                  self._scratch(p.dtype), clip_coef)
                 return
             step += 1
 
 
 def _fused_adamw_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: torch.Tensor) -> None:
     """The update of `_adamw_update` in one expression per tensor, for torch.compile to fuse into a
-    single loop. `hyper` = [decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, step size],
-    a tensor so a new learning rate does not recompile."""
-    decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size = hyper.unbind()
+    single loop. `hyper` = [decay, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, step size,
+    the gradient's clipping factor], a tensor so a new learning rate does not recompile."""
+    decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size, grad_factor = hyper.unbind()
+    g = g * grad_factor
     m_new = torch.lerp(m, g, one_minus_beta1)
     v_new = v * beta2 + one_minus_beta2 * g * g
     denom = v_new.sqrt() / bias_correction2_sqrt + eps
@@ -179,12 +190,15 @@ def _compiled_adamw():
 
 
 def _adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper) -> None:
+                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper,
+                  clip_coef: torch.Tensor | None = None) -> None:
     """GPU: each foreach op is a few kernel launches for a run of tensors (`_runs`)."""
     # a 0-d tensor increment avoids re-wrapping the scalar 1 for every CPU step tensor
     torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     times = [s.item() for s in steps]
     for ps, gs, ms, vs, ts in _runs(params, grads, exp_avgs, exp_avg_sqs, times, GPU_CHUNK_NUMEL):
+        if clip_coef is not None:  # a run's worth of clipped gradients at a time, as the denominator
+            gs = torch._foreach_mul(gs, clip_coef.to(gs[0].device))
         if hyper.weight_decay != 0.0:
             torch._foreach_mul_(ps, hyper.decay)
         torch._foreach_lerp_(ms, gs, 1.0 - hyper.beta1)
@@ -228,11 +242,12 @@ def _slices(tensors: tuple[torch.Tensor, ...], limit: int):
 
 def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                       exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], hyper: Hyper,
-                      scratch: torch.Tensor) -> None:
+                      scratch: torch.Tensor, clip_coef: torch.Tensor | None = None) -> None:
     """CPU: the same ops in the same order as `_adamw_update` (CPU foreach ops are per-tensor
     loops, so the results are bit-identical), but over flat slices of CPU_CHUNK_NUMEL elements,
-    so all eight passes over a slice run while it is still in cache, and the denominator goes
-    into `scratch` instead of a fresh tensor per parameter."""
+    so all eight passes over a slice run while it is still in cache, and the denominator (and
+    the clipped gradient) go into `scratch` ([2, CPU_CHUNK_NUMEL]) instead of fresh tensors."""
+    denom_scratch, grad_scratch = scratch
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step += 1
         t = step.item()
@@ -240,13 +255,15 @@ def _adamw_update_cpu(params: list[torch.Tensor], grads: list[torch.Tensor], exp
         for ps, gs, ms, vs in _slices((p, g, m, v), CPU_CHUNK_NUMEL):
             # one-tensor foreach ops, not Tensor.mul_ etc.: for bf16 they round the scalar to bf16
             # first, and matching that keeps us bit-identical to torch.optim.AdamW
+            if clip_coef is not None:
+                gs = torch.mul(gs, clip_coef, out=grad_scratch[:gs.numel()]) if gs.dim() == 1 else gs * clip_coef
             ps_, gs_, ms_, vs_ = [ps], [gs], [ms], [vs]
             if hyper.weight_decay != 0.0:
                 torch._foreach_mul_(ps_, hyper.decay)
             torch._foreach_lerp_(ms_, gs_, 1.0 - hyper.beta1)
             torch._foreach_mul_(vs_, hyper.beta2)
             torch._foreach_addcmul_(vs_, gs_, gs_, 1.0 - hyper.beta2)
-            denom = [torch.sqrt(vs, out=scratch[:vs.numel()]) if vs.dim() == 1 else vs.sqrt()]
+            denom = [torch.sqrt(vs, out=denom_scratch[:vs.numel()]) if vs.dim() == 1 else vs.sqrt()]
             torch._foreach_div_(denom, [bias_correction2_sqrt])
             torch._foreach_add_(denom, hyper.eps)
             torch._foreach_addcdiv_(ps_, ms_, denom, [step_size])

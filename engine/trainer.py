@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches. Each micro-batch's loss is the *sum* over its
 target tokens divided by the target tokens of the whole accumulated batch, so the gradient is
 that of the token-mean loss over everything the step saw (dividing each micro-batch's mean by
-`grad_accum` would weight short targets more). Then: unscale (fp16), clip, AdamW step, next LR.
+`grad_accum` would weight short targets more). Then: unscale (fp16), clip (the norm here, the scaling
+inside AdamW's update: engine/grad_clip.py), AdamW step, next LR.
 
 Validation runs every `eval_every` steps and at each epoch's end; the plateau monitor decides
 when to stop, `best/` keeps the best weights and `last/` everything needed to resume exactly.
@@ -29,6 +30,7 @@ from engine.distributed import World
 from engine.early_stopping import EarlyStopping
 from engine.evaluation import evaluate_loss
 from engine.frozen_weights import hold_frozen_linears_in, restore_originals
+from engine.grad_clip import clip_coefficient
 from engine.lora import LoRAConfig
 from engine.optim import AdamW, param_groups_for_weight_decay
 from engine.schedule import set_lr
@@ -258,13 +260,15 @@ def train(
                     state.bad_steps = 0
                     if scaler is not None:
                         scaler.unscale_(optimizer)
-                    if config.max_grad_norm > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                    clip = {}
+                    if config.max_grad_norm > 0:  # AdamW scales the gradients as it reads them
+                        norm, clip["clip_coef"] = clip_coefficient(trainable, config.max_grad_norm)
+                        grad_norm = float(norm)
                     if scaler is not None:
-                        scaler.step(optimizer)
+                        scaler.step(optimizer, **clip)
                         scaler.update()
                     else:
-                        optimizer.step()
+                        optimizer.step(**clip)
                     state.loss_sum += step_loss
                     state.losses_seen += 1
                 else:

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine import optim
 from engine.lora import inject_lora, mark_only_lora_trainable
+from engine.grad_clip import clip_coefficient
 from engine.optim import AdamW, param_groups_for_weight_decay, split_decay_names
 from engine.schedule import lr_at, set_lr
 
@@ -50,6 +51,11 @@ def run_steps(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], step
         optimizer.step()
 
 
+def via_gpu_path(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, scratch, clip_coef=None):
+    """`_adamw_update_cpu`'s stand-in that runs the GPU path's foreach ops instead."""
+    optim._adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef)
+
+
 @pytest.mark.parametrize("cpu_chunk_numel", [1 << 16, 8])  # one chunk; several CPU chunks
 def test_adamw_matches_torch_adamw_for_100_steps(monkeypatch, cpu_chunk_numel):
     monkeypatch.setattr(optim, "CPU_CHUNK_NUMEL", cpu_chunk_numel)
@@ -68,7 +74,7 @@ def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypa
     # The GPU path (foreach ops over runs of tensors) never runs on a CPU machine otherwise: route
     # CPU tensors through it so it is checked here too.
     monkeypatch.setattr(optim, "GPU_CHUNK_NUMEL", gpu_chunk_numel)
-    monkeypatch.setattr(optim, "_adamw_update_cpu", lambda *lists_hyper, **_: optim._adamw_update(*lists_hyper[:6]))
+    monkeypatch.setattr(optim, "_adamw_update_cpu", via_gpu_path)
     ours_params, torch_params = make_params(), make_params()
     ours = AdamW(make_groups(ours_params), compile=False)
     reference = torch.optim.AdamW(make_groups(torch_params), foreach=True)
@@ -81,7 +87,7 @@ def test_gpu_foreach_update_matches_torch_adamw_when_run_on_cpu_tensors(monkeypa
 def test_gpu_update_in_bounded_runs_is_bit_identical_to_one_run_and_counts_each_step_once(monkeypatch):
     def after_steps(limit: int) -> list[torch.Tensor]:
         monkeypatch.setattr(optim, "GPU_CHUNK_NUMEL", limit)
-        monkeypatch.setattr(optim, "_adamw_update_cpu", lambda *lists_hyper, **_: optim._adamw_update(*lists_hyper[:6]))
+        monkeypatch.setattr(optim, "_adamw_update_cpu", via_gpu_path)
         params = make_params()
         opt = AdamW(make_groups(params), compile=False)
         run_steps(opt, params, range(20))
@@ -338,7 +344,7 @@ def test_compiled_cpu_update_is_one_parallel_loop_over_a_symbolic_size():
 
     compiled = torch.compile(optim._fused_adamw_pass, dynamic=True, fullgraph=True, options=optim.COMPILE_OPTIONS)
     p, g, m, v = (torch.rand(3000) for _ in range(4))
-    hyper = torch.tensor([0.99, 0.1, 0.999, 0.001, 0.5, 1e-8, -1e-3])
+    hyper = torch.tensor([0.99, 0.1, 0.999, 0.001, 0.5, 1e-8, -1e-3, 0.25])
     _, sources = run_and_get_code(compiled, p, g, m, v, hyper)
     kernel = "\n".join(sources)
     # without the option inductor emits a serial loop for a symbolic size: one core of the machine
@@ -373,3 +379,40 @@ def test_compiled_update_is_chosen_for_big_fp32_groups_only(monkeypatch):
     assert auto._use_compiled(torch.bfloat16, params) is False
     assert AdamW(make_groups(params), compile=False)._use_compiled(torch.float32, params) is False
     assert AdamW(make_groups(params), compile=True)._use_compiled(torch.float32, params[1:2]) is True
+
+
+def has_cpp_compiler() -> bool:
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu slices", "cpu bf16", "gpu foreach", "compiled"])
+def test_a_clip_coefficient_given_to_the_step_equals_clipping_the_gradients_first(monkeypatch, path):
+    if path == "compiled" and not has_cpp_compiler():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++ / g++), none found")
+    if path == "cpu slices":
+        monkeypatch.setattr(optim, "CPU_CHUNK_NUMEL", 8)
+    if path == "gpu foreach":
+        monkeypatch.setattr(optim, "GPU_CHUNK_NUMEL", 7)
+        monkeypatch.setattr(optim, "_adamw_update_cpu", via_gpu_path)
+    dtype = torch.bfloat16 if path == "cpu bf16" else torch.float32
+    folded_params = [p.detach().to(dtype).requires_grad_() for p in make_params()]
+    clipped_params = [p.detach().clone().requires_grad_() for p in folded_params]
+    folded = AdamW(make_groups(folded_params), compile=path == "compiled")
+    clipped = AdamW(make_groups(clipped_params), compile=path == "compiled")
+    coefficients = []
+    for step in range(30):
+        max_norm = 2.0 if step % 3 else 100.0  # mostly clipped; every third step not (coefficient 1)
+        fill_grads(folded_params, step)
+        fill_grads(clipped_params, step)
+        grads_before = [None if p.grad is None else p.grad.clone() for p in folded_params]
+        norm, coefficient = clip_coefficient(folded_params, max_norm)
+        folded.step(clip_coef=coefficient)
+        assert all(a is None and b.grad is None or torch.equal(a, b.grad)
+                   for a, b in zip(grads_before, folded_params))  # read, not written
+        assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(clipped_params, max_norm))
+        clipped.step()
+        coefficients.append(float(coefficient))
+    assert folded._compile_failed is False
+    for a, b in zip(folded_params, clipped_params):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert min(coefficients) < 0.5 and max(coefficients) == 1.0  # both kinds of step were taken
