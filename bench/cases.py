@@ -118,8 +118,8 @@ class Step:
 
 
 class OurStep(Step):
-    """The product's step: token-normalised backward, clip's coefficient, engine.optim.AdamW scaling the
-    gradients by it as it reads them (what engine.trainer does)."""
+    """The product's step, as engine.trainer takes it: token-normalised backward, clip's coefficient,
+    engine.optim.AdamW scaling each gradient by it as it reads it and freeing it once used."""
 
     def __init__(self, model, shapes: Shapes, autocast, device: torch.device):
         self.model, self.autocast, self.device, self.params = model, autocast, device, trainable(model)
@@ -128,7 +128,7 @@ class OurStep(Step):
 
     def __call__(self, batch) -> float:
         loss = accumulate_gradients(self.model, [batch], self.device, self.autocast, None)
-        self.optimizer.step(clip_coef=clip_coefficient(self.params, MAX_GRAD_NORM)[1])
+        self.optimizer.step(clip_coef=clip_coefficient(self.params, MAX_GRAD_NORM)[1], release_grads=True)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 

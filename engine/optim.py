@@ -92,39 +92,56 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None,
-             clip_coef: torch.Tensor | None = None) -> torch.Tensor | None:
+             clip_coef: torch.Tensor | None = None, release_grads: bool = False) -> torch.Tensor | None:
         """One update. `clip_coef`: a 0-dim tensor every gradient is multiplied by first, as
-        `engine.grad_clip.clip_coefficient` gives it (None: the gradients as they are)."""
+        `engine.grad_clip.clip_coefficient` gives it (None: the gradients as they are).
+        `release_grads`: set each `.grad` to None (freeing it) as soon as its parameter is updated,
+        as `zero_grad(set_to_none=True)` would after the step, and make each parameter's moments
+        only then. A first step's moments (twice the gradients' bytes) then reuse the memory of
+        the gradients updated before them instead of all coming on top of every gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            hyper = Hyper.of(group)
             # foreach kernels need one device and dtype per list
-            buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[], [], [], [], []])
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    # float32 on CPU, as torch.optim.AdamW keeps it: reading it never syncs a GPU
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bucket = buckets[(p.device, p.dtype)]
-                for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                    lst.append(t)
-            hyper = Hyper.of(group)
-            for (device, dtype), lists in buckets.items():
-                if device.type == "cpu" and self._use_compiled(dtype, lists[0]):
-                    self._compiled_update(*lists, hyper, clip_coef)
-                elif device.type == "cpu":
-                    _adamw_update_cpu(*lists, hyper, self._scratch(dtype), clip_coef)
-                else:
-                    _adamw_update(*lists, hyper, clip_coef)
+                buckets[(p.device, p.dtype)].append(p)
+            for (device, dtype), params in buckets.items():
+                compiled = device.type == "cpu" and self._use_compiled(dtype, params)
+                for run in ([p] for p in params) if release_grads else [params]:
+                    lists = self._lists(run)
+                    if compiled:
+                        self._compiled_update(*lists, hyper, clip_coef)
+                    elif device.type == "cpu":
+                        _adamw_update_cpu(*lists, hyper, self._scratch(dtype), clip_coef)
+                    else:
+                        _adamw_update(*lists, hyper, clip_coef)
+                    if release_grads:
+                        for p in run:
+                            p.grad = None
+                    del lists  # its references too, before the next run's moments are made
         return loss
+
+    def _lists(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """(params, grads, exp_avgs, exp_avg_sqs, steps), the state made where it is missing."""
+        lists = ([], [], [], [], [])
+        for p in params:
+            state = self.state[p]
+            if not state:
+                # float32 on CPU, as torch.optim.AdamW keeps it: reading it never syncs a GPU
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for lst, t in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                lst.append(t)
+        return lists
 
     def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
         """One reused [2, CPU_CHUNK_NUMEL] buffer per dtype for a CPU slice's denominator and its

@@ -2,6 +2,7 @@ import copy
 import io
 import math
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -416,3 +417,37 @@ def test_a_clip_coefficient_given_to_the_step_equals_clipping_the_gradients_firs
     for a, b in zip(folded_params, clipped_params):
         assert a.dtype == dtype and torch.equal(a, b)
     assert min(coefficients) < 0.5 and max(coefficients) == 1.0  # both kinds of step were taken
+
+
+@pytest.mark.parametrize("path", ["cpu", "gpu foreach", "compiled"])
+def test_released_grads_are_freed_one_by_one_before_later_moments_are_made_with_the_same_update(monkeypatch, path):
+    if path == "compiled" and not has_cpp_compiler():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++ / g++), none found")
+    if path == "gpu foreach":
+        monkeypatch.setattr(optim, "_adamw_update_cpu", via_gpu_path)
+    released_params, kept_params = make_params(), make_params()
+    released = AdamW(make_groups(released_params), compile=path == "compiled")
+    kept = AdamW(make_groups(kept_params), compile=path == "compiled")
+    zeros_like = torch.zeros_like
+    for step in range(12):
+        fill_grads(released_params, step)
+        fill_grads(kept_params, step)
+        grads = {id(p): weakref.ref(p.grad) for p in released_params if p.grad is not None}
+        updated = set()
+
+        def moments_made(p, **kwargs):  # each parameter's moments: the grads updated before it are gone
+            assert all(grads[key]() is None for key in updated - {id(p)})
+            updated.add(id(p))
+            return zeros_like(p, **kwargs)
+
+        monkeypatch.setattr(torch, "zeros_like", moments_made)
+        released.step(clip_coef=torch.tensor(0.5), release_grads=True)
+        monkeypatch.setattr(torch, "zeros_like", zeros_like)
+        kept.step(clip_coef=torch.tensor(0.5))
+        assert all(p.grad is None for p in released_params)
+        assert all(ref() is None for ref in grads.values())
+        assert (len(updated) == len(grads)) == (step == 0)  # moments are made on the first step only
+        assert all(p.grad is not None for p in kept_params if step % 7 != 3) and not released._compile_failed
+    for a, b in zip(released_params, kept_params):
+        assert torch.equal(a, b)
+        assert torch.equal(released.state[a]["exp_avg_sq"], kept.state[b]["exp_avg_sq"])

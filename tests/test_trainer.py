@@ -11,6 +11,7 @@ from data.batching import TokenizedSplit, collate
 from engine.checkpointing import RunDir, RunDirError, merged_state_dict
 from engine.evaluation import LossReport
 from engine.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+from engine.optim import AdamW
 from engine.trainer import TrainConfig, TrainingError, accumulate_gradients, train
 from models import onednn_linear
 from models.bart import BartForConditionalGeneration
@@ -210,3 +211,27 @@ def test_metrics_log_has_a_line_per_step_and_per_validation_and_a_closing_summar
         assert summary[key] is not None and summary[key] > 0, key
     # The loss really went down on this learnable task.
     assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_each_step_hands_adamw_clips_coefficient_and_has_it_free_every_gradient(tmp_path, tokenizer, monkeypatch):
+    calls = []
+    step = AdamW.step
+
+    def spied_step(self, closure=None, clip_coef=None, release_grads=False):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        copies = [torch.zeros_like(p, requires_grad=True) for p in params]
+        for p, c in zip(params, copies):
+            c.grad = p.grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_(copies, 0.05)  # as the loop would have clipped them
+        result = step(self, closure, clip_coef=clip_coef, release_grads=release_grads)
+        calls.append((float(norm), float(clip_coef), release_grads, all(p.grad is None for p in params)))
+        return result
+
+    monkeypatch.setattr(AdamW, "step", spied_step)
+    _, result = run_training(tmp_path, tokenizer, "clip", max_grad_norm=0.05, max_steps=3, eval_every=100)
+    assert len(calls) == 3
+    for norm, coefficient, release_grads, released in calls:
+        assert coefficient == pytest.approx(0.05 / (norm + 1e-6), rel=1e-6) and coefficient < 1.0
+        assert release_grads and released
+    logged = [r["grad_norm"] for r in result.history if "grad_norm" in r]
+    assert logged == pytest.approx([norm for norm, *_ in calls], rel=1e-6)
