@@ -138,13 +138,17 @@ def test_a_case_run_in_several_processes_reports_the_median_one_and_every_ratio(
     assert len(ratios) == 3
     assert result["ratio"] == sorted(ratios)[1]
     assert "Ratio in each of 3 processes" in table
+    assert result["mem_ratio"] in result["process_mem_ratios"] and len(result["process_mem_ratios"]) == 3
+    assert "Memory ratio in each: " in table
 
 
 def test_median_process_picks_the_middle_ratio_and_passes_failures_through():
-    runs = [{"case": "x", "ratio": r, "run": i} for i, r in enumerate((1.3, 0.9, 1.1, 1.2))]
+    runs = [{"case": "x", "ratio": r, "run": i, "mem_ratio": 1.0 - i / 10} for i, r in enumerate((1.3, 0.9, 1.1, 1.2))]
+    runs[3]["run_mem_ratio"] = 0.5  # a training case's: its run peak is what the target reads
     chosen = median_process(runs)
     assert chosen["run"] == 2  # 1.1: the lower middle of four
     assert chosen["process_ratios"] == [1.3, 0.9, 1.1, 1.2]
+    assert chosen["process_mem_ratios"] == [1.0, 0.9, 0.8, 0.5]
     assert "process_ratios" not in median_process(runs[:1])
     failed = {"case": "x", "error": "child process exited with status 1"}
     assert median_process([runs[0], failed]) is failed
