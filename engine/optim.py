@@ -95,10 +95,11 @@ class AdamW(torch.optim.Optimizer):
              clip_coef: torch.Tensor | None = None, release_grads: bool = False) -> torch.Tensor | None:
         """One update. `clip_coef`: a 0-dim tensor every gradient is multiplied by first, as
         `engine.grad_clip.clip_coefficient` gives it (None: the gradients as they are).
-        `release_grads`: set each `.grad` to None (freeing it) as soon as its parameter is updated,
-        as `zero_grad(set_to_none=True)` would after the step, and make each parameter's moments
-        only then. A first step's moments (twice the gradients' bytes) then reuse the memory of
-        the gradients updated before them instead of all coming on top of every gradient."""
+        `release_grads`: set each `.grad` to None (freeing it) once its parameter is updated, as
+        `zero_grad(set_to_none=True)` would after the step; where moments are still to be made
+        (a first step), parameter by parameter, each one's moments made only then. A first step's
+        moments (twice the gradients' bytes) then reuse the memory of the gradients updated before
+        them instead of all coming on top of every gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -115,7 +116,10 @@ class AdamW(torch.optim.Optimizer):
                 buckets[(p.device, p.dtype)].append(p)
             for (device, dtype), params in buckets.items():
                 compiled = device.type == "cpu" and self._use_compiled(dtype, params)
-                for run in ([p] for p in params) if release_grads else [params]:
+                # One parameter at a time only while moments are being made (a first step): later
+                # steps gain no memory from it, and a GPU's foreach ops want whole lists.
+                one_by_one = release_grads and any(not self.state[p] for p in params)
+                for run in ([p] for p in params) if one_by_one else [params]:
                     lists = self._lists(run)
                     if compiled:
                         self._compiled_update(*lists, hyper, clip_coef)

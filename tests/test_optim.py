@@ -451,3 +451,18 @@ def test_released_grads_are_freed_one_by_one_before_later_moments_are_made_with_
     for a, b in zip(released_params, kept_params):
         assert torch.equal(a, b)
         assert torch.equal(released.state[a]["exp_avg_sq"], kept.state[b]["exp_avg_sq"])
+
+
+def test_only_a_step_that_makes_moments_goes_one_parameter_at_a_time(monkeypatch):
+    calls = []
+    update = optim._adamw_update
+    monkeypatch.setattr(optim, "_adamw_update", lambda params, *rest: calls.append(len(params)) or update(params, *rest))
+    monkeypatch.setattr(optim, "_adamw_update_cpu", via_gpu_path)
+    params = make_params()
+    opt = AdamW(make_groups(params), compile=False)
+    for step in range(2):
+        fill_grads(params, step)
+        calls.clear()
+        opt.step(release_grads=True)
+        assert calls == ([1] * len(params) if step == 0 else [2, 2, 1])  # then whole groups, as foreach wants
+        assert all(p.grad is None for p in params)
