@@ -466,3 +466,24 @@ def test_only_a_step_that_makes_moments_goes_one_parameter_at_a_time(monkeypatch
         opt.step(release_grads=True)
         assert calls == ([1] * len(params) if step == 0 else [2, 2, 1])  # then whole groups, as foreach wants
         assert all(p.grad is None for p in params)
+
+
+def test_grad_scaler_hands_the_clip_coefficient_and_release_to_adamw():
+    # the fp16 path of the training loop: unscale, clip's coefficient, scaler.step(optimizer, ...)
+    scaled_params, plain_params = make_params(), make_params()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled, plain = AdamW(make_groups(scaled_params), compile=False), AdamW(make_groups(plain_params), compile=False)
+    for step in range(3):
+        fill_grads(plain_params, step)
+        fill_grads(scaled_params, step)
+        scaler.scale(torch.ones(()))  # the loss the scaler would scale
+        for p in scaled_params:
+            if p.grad is not None:
+                p.grad.mul_(1024.0)  # as backward of a scaled loss leaves them
+        scaler.unscale_(scaled)
+        scaler.step(scaled, clip_coef=clip_coefficient(scaled_params, 2.0)[1], release_grads=True)
+        scaler.update()
+        plain.step(clip_coef=clip_coefficient(plain_params, 2.0)[1])
+        assert all(p.grad is None for p in scaled_params)
+    for a, b in zip(scaled_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # 1024 is a power of two: unscaling is exact
