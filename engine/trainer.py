@@ -260,16 +260,16 @@ def train(
                     state.bad_steps = 0
                     if scaler is not None:
                         scaler.unscale_(optimizer)
-                    clip = {}
+                    clip_coef = None
                     if config.max_grad_norm > 0:  # AdamW scales the gradients as it reads them
-                        norm, clip["clip_coef"] = clip_coefficient(trainable, config.max_grad_norm)
+                        norm, clip_coef = clip_coefficient(trainable, config.max_grad_norm)
                         grad_norm = float(norm)
                     # each gradient freed once used: the first step's moments reuse its memory
                     if scaler is not None:
-                        scaler.step(optimizer, **clip, release_grads=True)
+                        scaler.step(optimizer, clip_coef=clip_coef, release_grads=True)
                         scaler.update()
                     else:
-                        optimizer.step(**clip, release_grads=True)
+                        optimizer.step(clip_coef=clip_coef, release_grads=True)
                     state.loss_sum += step_loss
                     state.losses_seen += 1
                 else:
